@@ -1,0 +1,369 @@
+"""The framework-free :class:`Analyzer`: feed it steps, ask it for a :class:`Report`.
+
+Example:
+    >>> import numpy as np, gradwatch
+    >>> an = gradwatch.Analyzer()
+    >>> rng = np.random.default_rng(0)
+    >>> for step in range(30):
+    ...     an.observe(step, grads={"fc1.weight": rng.normal(0, 1e-2, (8, 4)),
+    ...                             "fc2.weight": rng.normal(0, 1e-2, (2, 8))})
+    >>> an.report().healthy
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gradwatch.findings import SEVERITY_RANK, Finding
+from gradwatch.guard import Guard
+from gradwatch.history import FlowHistory, LayerTotals
+from gradwatch.reduce import step_stats_from_arrays
+from gradwatch.report import FlowHistory as FlowSnapshot
+from gradwatch.report import LayerSummary, Report
+from gradwatch.rules import DEFAULT_RULES, RULE_IDS, Rule, RuleContext, Symptom
+from gradwatch.stats import StepStats
+from gradwatch.window import Window
+
+GRAD_METRICS = ("norm", "max_abs", "mean_abs", "zero_frac", "nonfinite", "numel")
+ACT_METRICS = ("inactive", "dead", "tail")
+RUN_METRICS = ("total_norm", "skipped")
+# Steps after warm-up whose median total norm is the "healthy" baseline for clipping advice.
+_BASELINE_STEPS = 20
+
+
+def module_of(name: str) -> str:
+    """The layer group of a parameter: its module path (``"enc.fc1.weight"`` -> ``"enc.fc1"``,
+    ``"dense_3/kernel"`` -> ``"dense_3"``). A name with no separator is its own group."""
+    cut = max(name.rfind("."), name.rfind("/"))
+    return name[:cut] if cut > 0 else name
+
+
+@dataclass
+class _Episode:
+    """Persistence and hysteresis bookkeeping for one rule, plus its finding so far."""
+
+    streak: int = 0
+    streak_start: int = 0
+    active: bool = False
+    finding: Finding | None = None
+    layers: dict[str, None] = field(default_factory=dict)
+
+
+class Analyzer:
+    """Consumes per-layer gradient statistics step by step and judges them with rules.
+
+    Args:
+        rules: the rules to apply. Defaults to :data:`gradwatch.rules.DEFAULT_RULES`.
+        window: steps kept for the rules to judge (memory is bounded by it). Defaults to
+            ``64``; must be at least every rule's ``window``.
+        history_bins: time bins of the downsampled flow history. Defaults to ``128``.
+        group_by: maps a parameter name to its layer group. Defaults to :func:`module_of`.
+        on_finding: called with each new :class:`Finding` the first time it opens.
+            Defaults to ``None``.
+        strict: re-raise errors inside gradwatch instead of reporting them once and
+            switching monitoring off. Defaults to ``False``.
+
+    Raises:
+        ValueError: at construction, for a bad window, unknown or duplicate rule ids.
+    """
+
+    def __init__(
+        self,
+        rules: Sequence[Rule] = DEFAULT_RULES,
+        *,
+        window: int = 64,
+        history_bins: int = 128,
+        group_by: Callable[[str], str] = module_of,
+        on_finding: Callable[[Finding], None] | None = None,
+        strict: bool = False,
+    ) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        rules = tuple(rules)
+        ids = [r.id for r in rules]
+        for rule in rules:
+            if not isinstance(rule, Rule) or not rule.id:
+                raise ValueError(f"rules must be gradwatch Rule instances with an id, got {rule!r}")
+            if rule.window > window:
+                raise ValueError(
+                    f"window={window} is smaller than {type(rule).__name__}.window={rule.window}"
+                )
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"rules has duplicate rule ids: {dupes}")
+        self.rules = rules
+        self.window = window
+        self.group_by = group_by
+        self.on_finding = on_finding
+        self.guard = Guard("gradwatch analyzer", strict=strict)
+        self._grads = Window(window, GRAD_METRICS)
+        self._acts = Window(window, ACT_METRICS)
+        self._run = Window(window, RUN_METRICS)
+        self._totals = LayerTotals()
+        self._flow = FlowHistory(history_bins)
+        self._act_kind: dict[str, str] = {}
+        self._act_output: dict[str, bool] = {}
+        self._hidden_kinds: set[str] = set()
+        self._episodes = {r.id: _Episode() for r in rules}
+        self._group_cache: tuple[tuple[str, ...], tuple[str, ...], np.ndarray] | None = None
+        self._baseline: list[float] = []
+        self._notes: dict[str, None] = {}
+        self._n_steps = 0
+        self._first_step = -1
+        self._last_step = -1
+
+    # --- input -----------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        """False once an internal error switched monitoring off."""
+        return self.guard.enabled
+
+    def observe(
+        self,
+        step: int,
+        grads: Mapping[str, Any] | None = None,
+        activations: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Analyze one step given raw arrays (numpy, or anything ``numpy.asarray`` or
+        DLPack accepts). ``activations`` maps a name to ``(array, kind)`` or
+        ``(array, kind, unit_axis[, is_output])``; see :func:`gradwatch.reduce.step_stats_from_arrays`.
+        """
+        if not self.guard.enabled:
+            return
+        with self.guard:
+            self._ingest(step_stats_from_arrays(step, grads, activations))
+
+    def observe_stats(self, stats: StepStats | Sequence[StepStats]) -> None:
+        """Analyze statistics an adapter already reduced (one step or several)."""
+        if not self.guard.enabled:
+            return
+        with self.guard:
+            for s in [stats] if isinstance(stats, StepStats) else stats:
+                self._ingest(s)
+
+    def add_note(self, note: str) -> None:
+        """Record a coverage note for the report (shown once, whatever the repeats)."""
+        self._notes[note] = None
+
+    # --- core ------------------------------------------------------------------------
+
+    def _groups(self, layers: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
+        cache = self._group_cache
+        if cache is not None and cache[0] == layers:
+            return cache[1], cache[2]
+        names: dict[str, int] = {}
+        index = np.empty(len(layers), dtype=np.int64)
+        for i, layer in enumerate(layers):
+            index[i] = names.setdefault(self.group_by(layer), len(names))
+        groups = tuple(names)
+        self._group_cache = (layers, groups, index)
+        return groups, index
+
+    def _ingest(self, s: StepStats) -> None:
+        step = int(s.step)
+        self._n_steps += 1
+        if self._first_step < 0:
+            self._first_step = step
+        self._last_step = step
+        total_norm = math.nan
+        if s.grad_layers:
+            total_norm = self._ingest_grads(s)
+        self._run.push(
+            step, ("run",), {"total_norm": np.array([total_norm]), "skipped": np.array([float(s.skipped_step)])}
+        )
+        if s.act_layers:
+            self._ingest_acts(s)
+        self._judge(step)
+
+    def _ingest_grads(self, s: StepStats) -> float:
+        groups, idx = self._groups(s.grad_layers)
+        n = len(groups)
+        norm = np.asarray(s.grad_norm, dtype=np.float64)
+        numel = np.asarray(s.grad_numel, dtype=np.float64)
+        g_numel = np.bincount(idx, numel, n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            g_norm = np.sqrt(np.bincount(idx, norm * norm, n))
+            weight = np.where(g_numel > 0, g_numel, 1.0)
+            g_mean = np.bincount(idx, np.asarray(s.grad_mean_abs) * numel, n) / weight
+            g_zero = np.bincount(idx, np.asarray(s.grad_zero_frac) * numel, n) / weight
+        g_max = np.zeros(n)
+        np.maximum.at(g_max, idx, np.asarray(s.grad_max_abs, dtype=np.float64))
+        g_nonfinite = np.bincount(idx, np.asarray(s.grad_nonfinite, dtype=np.float64), n)
+        self._grads.push(
+            s.step,
+            groups,
+            {
+                "norm": g_norm,
+                "max_abs": g_max,
+                "mean_abs": g_mean,
+                "zero_frac": g_zero,
+                "nonfinite": g_nonfinite,
+                "numel": g_numel,
+            },
+        )
+        self._totals.update(groups, g_norm, g_max, g_zero, g_nonfinite, g_numel)
+        self._flow.add(s.step, groups, g_norm)
+        if g_nonfinite.sum() > 0:
+            return math.nan
+        return float(np.sqrt(np.sum(g_norm * g_norm)))
+
+    def _ingest_acts(self, s: StepStats) -> None:
+        for name, kind, out in zip(s.act_layers, s.act_kinds, s.act_is_output):
+            if name not in self._act_kind:
+                self._act_kind[name] = kind
+                self._act_output[name] = bool(out)
+                if not out:
+                    self._hidden_kinds.add(kind)
+        self._acts.push(
+            s.step,
+            s.act_layers,
+            {
+                "inactive": np.asarray(s.act_inactive_frac, dtype=np.float64),
+                "dead": np.asarray(s.act_dead_frac, dtype=np.float64),
+                "tail": np.asarray(s.act_tail_frac, dtype=np.float64),
+            },
+        )
+
+    def _baseline_norm(self) -> float | None:
+        return float(np.median(self._baseline)) if len(self._baseline) >= 5 else None
+
+    def _judge(self, step: int) -> None:
+        warm = [r for r in self.rules if self._n_steps > r.warmup_steps]
+        if not warm:
+            return
+        run = self._run.view()
+        if len(self._baseline) < _BASELINE_STEPS and self._n_steps > 10:
+            total = float(run["total_norm"][-1, 0])
+            if math.isfinite(total):
+                self._baseline.append(total)
+        grads = self._grads.view()
+        acts = self._acts.view()
+        kinds = tuple(self._act_kind[c] for c in acts.columns)
+        outputs = tuple(self._act_output[c] for c in acts.columns)
+        baseline = self._baseline_norm()
+        hidden = frozenset(self._hidden_kinds)
+        for rule in warm:
+            episode = self._episodes[rule.id]
+            ctx = RuleContext(
+                step=step,
+                grads=grads,
+                acts=acts,
+                act_kinds=kinds,
+                act_is_output=outputs,
+                run=run,
+                active=episode.active,
+                baseline_total_norm=baseline,
+                hidden_kinds=hidden,
+            )
+            self._track(rule, episode, step, rule.check(ctx))
+
+    def _track(self, rule: Rule, ep: _Episode, step: int, symptom: Symptom | None) -> None:
+        if symptom is None:
+            ep.streak = 0
+            ep.active = False
+            return
+        if ep.streak == 0:
+            ep.streak_start = step
+        ep.streak += 1
+        if not ep.active and ep.streak < rule.persistence:
+            return
+        newly_opened = ep.finding is None
+        ep.active = True
+        for layer in symptom.layers:
+            ep.layers[layer] = None
+        old = ep.finding
+        severity = symptom.severity
+        if old is not None and SEVERITY_RANK[old.severity] > SEVERITY_RANK[severity]:
+            severity = old.severity
+        ep.finding = Finding(
+            rule=rule.id,
+            severity=severity,
+            layers=tuple(ep.layers),
+            first_step=ep.streak_start if old is None else old.first_step,
+            last_step=step,
+            message=symptom.message,
+            evidence=dict(symptom.evidence),
+            fixes=symptom.fixes,
+        )
+        if newly_opened and self.on_finding is not None:
+            self.on_finding(ep.finding)
+
+    # --- output ----------------------------------------------------------------------
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Findings so far, most severe first (then by first step)."""
+        found = [ep.finding for ep in self._episodes.values() if ep.finding is not None]
+        return sorted(found, key=lambda f: (-SEVERITY_RANK[f.severity], f.first_step, f.rule))
+
+    def report(self) -> Report:
+        """The report of everything observed so far (also valid mid-run)."""
+        layers = self._layer_summaries()
+        bin_steps, flow_layers, flow = self._flow.snapshot()
+        notes = list(self._notes)
+        if not self.guard.enabled and self.guard.error is not None:
+            notes.append(f"Monitoring stopped early after an internal error: {self.guard.error}")
+        return Report(
+            findings=tuple(self.findings),
+            layers=layers,
+            first_step=self._first_step,
+            last_step=self._last_step,
+            steps_observed=self._n_steps,
+            flow=FlowSnapshot(
+                bin_steps=tuple(bin_steps),
+                layers=tuple(flow_layers),
+                log10_norm=tuple(tuple(float(v) for v in row) for row in flow),
+            ),
+            notes=tuple(notes),
+        )
+
+    def _layer_summaries(self) -> tuple[LayerSummary, ...]:
+        d = self._totals.data
+        out = []
+        for name in self._grads.columns:
+            i = self._totals.columns.index[name]
+            steps = int(d["steps"][i])
+            count = d["log_norm_count"][i]
+            typical = float(10 ** (d["log_norm_sum"][i] / count)) if count else math.nan
+            out.append(
+                LayerSummary(
+                    name=name,
+                    steps=steps,
+                    typical_norm=typical,
+                    min_norm=float(d["min_norm"][i]) if math.isfinite(d["min_norm"][i]) else math.nan,
+                    max_norm=float(d["max_norm"][i]),
+                    last_norm=float(d["last_norm"][i]),
+                    max_abs=float(d["max_abs"][i]),
+                    zero_frac=float(d["zero_frac_sum"][i] / steps) if steps else 0.0,
+                    nonfinite=int(d["nonfinite"][i]),
+                    numel=int(d["numel"][i]),
+                )
+            )
+        return tuple(out)
+
+    def nbytes(self) -> int:
+        """Bytes held by the analyzer's buffers (bounded by window, bins and layers)."""
+        return (
+            self._grads.nbytes()
+            + self._acts.nbytes()
+            + self._run.nbytes()
+            + self._totals.nbytes()
+            + self._flow.nbytes()
+        )
+
+
+def validate_rule_ids(rule_ids: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming any id that is not a built-in rule id."""
+    unknown = sorted(set(rule_ids) - set(RULE_IDS))
+    if unknown:
+        raise ValueError(f"unknown rule ids {unknown}; known: {list(RULE_IDS)}")
+
+
+__all__ = ["Analyzer", "module_of", "validate_rule_ids"]

@@ -1,0 +1,102 @@
+"""The catalogue of fixes gradwatch recommends, each with its PyTorch and Keras spelling.
+
+Rules pick fixes from :data:`FIXES` and order them by the evidence. A fix may be
+specialised with numbers from the run (``gradient_clipping`` carries a suggested
+max-norm).
+
+Example:
+    >>> from gradwatch.fixes import fix
+    >>> fix("he_init").id
+    'he_init'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Fix:
+    """One concrete change. ``id`` is stable (see the API contract); ``text`` is one line."""
+
+    id: str
+    text: str
+
+
+FIXES: dict[str, str] = {
+    "he_init": (
+        "Use He (Kaiming) initialization for ReLU-family layers: "
+        "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu') / "
+        'kernel_initializer="he_normal".'
+    ),
+    "xavier_init": (
+        "Use Xavier (Glorot) initialization for sigmoid/tanh layers: "
+        "nn.init.xavier_uniform_(layer.weight) / "
+        'kernel_initializer="glorot_uniform" (the Keras default).'
+    ),
+    "leaky_relu": (
+        "Replace sigmoid/tanh/ReLU hidden activations with leaky ReLU: "
+        'nn.LeakyReLU(0.01) / activation="leaky_relu".'
+    ),
+    "relu": (
+        "Replace sigmoid/tanh hidden activations with ReLU: "
+        'nn.ReLU() / activation="relu" (keep sigmoid/softmax only on the output).'
+    ),
+    "batch_norm": (
+        "Add batch normalization before each hidden activation: "
+        "nn.BatchNorm1d(width) or nn.BatchNorm2d(channels) / keras.layers.BatchNormalization()."
+    ),
+    "residual": (
+        "Add residual (skip) connections so gradients bypass deep stacks: "
+        "return x + block(x) / keras.layers.Add()([x, block(x)])."
+    ),
+    "gradient_clipping": (
+        "Clip the global gradient norm: "
+        "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0) before "
+        "optimizer.step() / keras.optimizers.SGD(..., global_clipnorm=1.0)."
+    ),
+    "lower_learning_rate": (
+        "Lower the learning rate about 10x (or add warm-up): "
+        "for g in optimizer.param_groups: g['lr'] /= 10 / "
+        "model.optimizer.learning_rate = lr / 10."
+    ),
+    "normalize_inputs": (
+        "Standardize the inputs to zero mean and unit variance: "
+        "x = (x - mean) / std in your Dataset / keras.layers.Normalization() as the first layer."
+    ),
+    "stable_loss": (
+        "Make the loss numerically stable: compute it from logits "
+        "(nn.BCEWithLogitsLoss, nn.CrossEntropyLoss / from_logits=True) and guard "
+        "log, sqrt and division with an epsilon."
+    ),
+}
+
+
+def fix(fix_id: str) -> Fix:
+    """The catalogue entry for ``fix_id``; ``KeyError`` if there is none."""
+    return Fix(fix_id, FIXES[fix_id])
+
+
+def clipping_fix(max_norm: float, calibrated: bool) -> Fix:
+    """``gradient_clipping`` with a suggested max-norm from the run's own norms."""
+    shown = f"{max_norm:.3g}"
+    why = (
+        "twice the median gradient norm of the healthy steps"
+        if calibrated
+        else "a common default; no healthy steps were seen to calibrate on"
+    )
+    return Fix(
+        "gradient_clipping",
+        f"Clip the global gradient norm at {shown} ({why}): "
+        f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={shown}) before "
+        f"optimizer.step() / keras.optimizers.SGD(..., global_clipnorm={shown}).",
+    )
+
+
+def fixes(*fix_ids: str) -> tuple[Fix, ...]:
+    """Catalogue entries in the given order, duplicates dropped."""
+    seen: dict[str, Fix] = {}
+    for fid in fix_ids:
+        if fid not in seen:
+            seen[fid] = fix(fid)
+    return tuple(seen.values())

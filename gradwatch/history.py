@@ -1,0 +1,153 @@
+"""Whole-run summaries in bounded memory: per-layer totals and a downsampled flow history.
+
+:class:`LayerTotals` keeps running aggregates per layer group (count, geometric mean
+norm, extremes). :class:`FlowHistory` keeps the mean log10 gradient norm of every
+group in at most ``bins`` time bins: when the bins fill up, neighbours merge and
+each bin covers twice as many steps. Memory is ``bins x groups`` floats however
+long the run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class _Columns:
+    """Name-to-column registry shared by the growable arrays below."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.names: list[str] = []
+
+    def indices(self, names: tuple[str, ...]) -> np.ndarray:
+        out = np.empty(len(names), dtype=np.int64)
+        for i, name in enumerate(names):
+            idx = self.index.get(name)
+            if idx is None:
+                idx = len(self.names)
+                self.index[name] = idx
+                self.names.append(name)
+            out[i] = idx
+        return out
+
+
+def _grow(arr: np.ndarray, width: int, fill: float) -> np.ndarray:
+    if arr.shape[-1] >= width:
+        return arr
+    new_width = max(width, 2 * arr.shape[-1], 8)
+    grown = np.full(arr.shape[:-1] + (new_width,), fill, dtype=arr.dtype)
+    grown[..., : arr.shape[-1]] = arr
+    return grown
+
+
+class LayerTotals:
+    """Running per-group aggregates over the whole run."""
+
+    _FIELDS = {
+        "steps": 0.0,
+        "log_norm_sum": 0.0,
+        "log_norm_count": 0.0,
+        "min_norm": math.inf,
+        "max_norm": 0.0,
+        "last_norm": math.nan,
+        "max_abs": 0.0,
+        "zero_frac_sum": 0.0,
+        "nonfinite": 0.0,
+        "numel": 0.0,
+    }
+
+    def __init__(self) -> None:
+        self.columns = _Columns()
+        self.data = {k: np.full(0, v) for k, v in self._FIELDS.items()}
+
+    def update(
+        self,
+        names: tuple[str, ...],
+        norm: np.ndarray,
+        max_abs: np.ndarray,
+        zero_frac: np.ndarray,
+        nonfinite: np.ndarray,
+        numel: np.ndarray,
+    ) -> None:
+        idx = self.columns.indices(names)
+        width = len(self.columns.names)
+        for k, fill in self._FIELDS.items():
+            self.data[k] = _grow(self.data[k], width, fill)
+        d = self.data
+        d["steps"][idx] += 1
+        positive = np.isfinite(norm) & (norm > 0)
+        d["log_norm_sum"][idx[positive]] += np.log10(norm[positive])
+        d["log_norm_count"][idx[positive]] += 1
+        finite = np.isfinite(norm)
+        d["min_norm"][idx[finite]] = np.minimum(d["min_norm"][idx[finite]], norm[finite])
+        d["max_norm"][idx[finite]] = np.maximum(d["max_norm"][idx[finite]], norm[finite])
+        d["last_norm"][idx] = norm
+        d["max_abs"][idx] = np.fmax(d["max_abs"][idx], max_abs)
+        d["zero_frac_sum"][idx] += zero_frac
+        d["nonfinite"][idx] += nonfinite
+        d["numel"][idx] = numel
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.data.values())
+
+
+class FlowHistory:
+    """Mean log10 gradient norm per group in at most ``bins`` time bins.
+
+    >>> h = FlowHistory(bins=2)
+    >>> for step in range(4):
+    ...     h.add(step, ("fc1",), np.array([10.0 ** step]))
+    >>> h.snapshot()[0], h.snapshot()[2].tolist()
+    ([0, 2], [[0.5], [2.5]])
+    """
+
+    def __init__(self, bins: int = 128) -> None:
+        if bins < 2 or bins % 2:
+            raise ValueError(f"history bins must be an even number >= 2, got {bins}")
+        self.bins = bins
+        self.stride = 1
+        self.columns = _Columns()
+        self._sum = np.zeros((bins, 0))
+        self._count = np.zeros((bins, 0))
+        self._bin_start = np.full(bins, -1, dtype=np.int64)
+        self._n = 0  # steps added
+
+    def add(self, step: int, names: tuple[str, ...], norm: np.ndarray) -> None:
+        b = self._n // self.stride
+        if b >= self.bins:
+            self._merge()
+            b = self._n // self.stride
+        idx = self.columns.indices(names)
+        width = len(self.columns.names)
+        self._sum = _grow(self._sum, width, 0.0)
+        self._count = _grow(self._count, width, 0.0)
+        if self._bin_start[b] < 0:
+            self._bin_start[b] = step
+        ok = np.isfinite(norm) & (norm > 0)
+        self._sum[b, idx[ok]] += np.log10(norm[ok])
+        self._count[b, idx[ok]] += 1
+        self._n += 1
+
+    def _merge(self) -> None:
+        half = self.bins // 2
+        self._sum[:half] = self._sum[0::2] + self._sum[1::2]
+        self._count[:half] = self._count[0::2] + self._count[1::2]
+        self._sum[half:] = 0.0
+        self._count[half:] = 0.0
+        self._bin_start[:half] = self._bin_start[0::2]
+        self._bin_start[half:] = -1
+        self.stride *= 2
+
+    def snapshot(self) -> tuple[list[int], list[str], np.ndarray]:
+        """``(bin_start_steps, column_names, mean_log10_norm[bins, columns])``; NaN where empty."""
+        used = int(np.count_nonzero(self._bin_start >= 0))
+        width = len(self.columns.names)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self._sum[:used, :width] / self._count[:used, :width]
+        mean[self._count[:used, :width] == 0] = np.nan
+        return self._bin_start[:used].tolist(), list(self.columns.names), mean
+
+    def nbytes(self) -> int:
+        return self._sum.nbytes + self._count.nbytes + self._bin_start.nbytes

@@ -1,0 +1,105 @@
+"""Host-side reductions: turn arrays from any framework into :class:`StepStats`.
+
+This is the route of :meth:`gradwatch.Analyzer.observe`. Adapters that reduce on
+the device build :class:`StepStats` themselves and skip this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from gradwatch.activations import activation_stats_from_array, kind_from_name
+from gradwatch.stats import StepStats
+
+
+def to_numpy(array: Any) -> np.ndarray:
+    """A float64 numpy view or copy of ``array``: numpy, anything ``numpy.asarray``
+    accepts, or a DLPack producer (JAX, torch, tensorflow)."""
+    detach = getattr(array, "detach", None)  # torch tensors that require grad refuse __array__
+    if callable(detach):
+        array = detach()
+        cpu = getattr(array, "cpu", None)
+        if callable(cpu):
+            array = cpu()
+    try:
+        return np.asarray(array, dtype=np.float64)
+    except (TypeError, ValueError, RuntimeError):
+        return np.asarray(np.from_dlpack(array), dtype=np.float64)
+
+
+def grad_stats_from_array(array: Any) -> tuple[float, float, float, float, int, int]:
+    """``(norm, max_abs, mean_abs, zero_frac, nonfinite, numel)`` of one gradient array.
+
+    Norm and max are taken over the finite entries so a single NaN does not hide the
+    scale of the rest; the NaN itself is counted in ``nonfinite``.
+
+    >>> grad_stats_from_array([3.0, 4.0, 0.0])
+    (5.0, 4.0, 2.3333333333333335, 0.3333333333333333, 0, 3)
+    """
+    g = to_numpy(array).ravel()
+    numel = int(g.size)
+    if numel == 0:
+        return 0.0, 0.0, 0.0, 0.0, 0, 0
+    finite = np.isfinite(g)
+    nonfinite = int(numel - np.count_nonzero(finite))
+    a = np.abs(np.where(finite, g, 0.0))
+    norm = float(np.sqrt(np.dot(a, a)))
+    return (
+        norm,
+        float(a.max()),
+        float(a.sum() / numel),
+        float(np.count_nonzero(g == 0.0) / numel),
+        nonfinite,
+        numel,
+    )
+
+
+def step_stats_from_arrays(
+    step: int,
+    grads: Mapping[str, Any] | None = None,
+    activations: Mapping[str, Any] | None = None,
+) -> StepStats:
+    """Reduce per-layer arrays to one :class:`StepStats`.
+
+    ``activations`` maps a name to ``(array, kind)`` or ``(array, kind, unit_axis)``;
+    ``kind`` is a name such as ``"relu"`` or ``"Sigmoid"``. A trailing ``True`` marks
+    the model's output activation: ``(array, kind, unit_axis, True)``.
+    """
+    grad_items = list((grads or {}).items())
+    reduced = [grad_stats_from_array(g) for _, g in grad_items]
+    act_names: list[str] = []
+    act_kinds: list[str] = []
+    act_values: list[tuple[float, float, float]] = []
+    act_output: list[bool] = []
+    for name, spec in (activations or {}).items():
+        if not isinstance(spec, tuple) or len(spec) < 2:
+            raise ValueError(
+                f"activations[{name!r}] must be (array, kind[, unit_axis[, is_output]]), "
+                f"got {type(spec).__name__}"
+            )
+        array, kind_name = spec[0], str(spec[1])
+        unit_axis = int(spec[2]) if len(spec) > 2 else -1
+        kind = kind_from_name(kind_name)
+        act_names.append(str(name))
+        act_kinds.append(kind)
+        act_values.append(activation_stats_from_array(to_numpy(array), kind, unit_axis))
+        act_output.append(bool(spec[3]) if len(spec) > 3 else False)
+    return StepStats(
+        step=int(step),
+        grad_layers=tuple(str(name) for name, _ in grad_items),
+        grad_norm=tuple(r[0] for r in reduced),
+        grad_max_abs=tuple(r[1] for r in reduced),
+        grad_mean_abs=tuple(r[2] for r in reduced),
+        grad_zero_frac=tuple(r[3] for r in reduced),
+        grad_nonfinite=tuple(r[4] for r in reduced),
+        grad_numel=tuple(r[5] for r in reduced),
+        act_layers=tuple(act_names),
+        act_kinds=tuple(act_kinds),
+        act_inactive_frac=tuple(v[0] for v in act_values),
+        act_dead_frac=tuple(v[1] for v in act_values),
+        act_tail_frac=tuple(v[2] for v in act_values),
+        act_is_output=tuple(act_output),
+    )

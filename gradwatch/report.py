@@ -1,0 +1,204 @@
+"""The end-of-run :class:`Report`: findings, per-layer summaries and the flow history.
+
+A report renders with rich (``print(report)`` or ``rich.print(report)``), saves to
+JSON and reads back exactly::
+
+    report.to_json("run.json")
+    same = gradwatch.Report.from_json("run.json")
+    assert same == report
+
+rich is imported only when a report is rendered.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gradwatch.findings import SEVERITY_RANK, Finding
+from gradwatch.fixes import Fix
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console, ConsoleOptions, RenderResult
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSummary:
+    """Whole-run gradient statistics of one layer group (a module).
+
+    ``typical_norm`` is the geometric mean of the per-step norms; ``NaN`` when the
+    layer never had a positive finite gradient.
+    """
+
+    name: str
+    steps: int
+    typical_norm: float
+    min_norm: float
+    max_norm: float
+    last_norm: float
+    max_abs: float
+    zero_frac: float
+    nonfinite: int
+    numel: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlowHistory:
+    """Downsampled per-layer gradient norms: ``log10_norm[b][c]`` for bin ``b`` starting
+    at ``bin_steps[b]`` and layer ``layers[c]``; ``NaN`` where a layer had no gradient."""
+
+    bin_steps: tuple[int, ...] = ()
+    layers: tuple[str, ...] = ()
+    log10_norm: tuple[tuple[float, ...], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Everything gradwatch concluded about one run.
+
+    Attributes:
+        findings: most severe first.
+        layers: one summary per layer group, first layer to last.
+        first_step, last_step: the step range observed (``-1`` when nothing was).
+        steps_observed: how many steps were analysed.
+        flow: the downsampled gradient-flow history for plots.
+        notes: what was not covered (e.g. activations gradwatch could not hook), or
+            why monitoring stopped.
+    """
+
+    findings: tuple[Finding, ...] = ()
+    layers: tuple[LayerSummary, ...] = ()
+    first_step: int = -1
+    last_step: int = -1
+    steps_observed: int = 0
+    flow: FlowHistory = field(default_factory=FlowHistory)
+    notes: tuple[str, ...] = ()
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def healthy(self) -> bool:
+        """No finding of severity warning or error."""
+        return not any(SEVERITY_RANK[f.severity] >= SEVERITY_RANK["warning"] for f in self.findings)
+
+    def by_rule(self, rule_id: str) -> Finding | None:
+        """The finding of ``rule_id``, or ``None``."""
+        return next((f for f in self.findings if f.rule == rule_id), None)
+
+    # --- serialisation ---------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (non-finite floats become the strings ``"NaN"``, ``"Infinity"``,
+        ``"-Infinity"``), with ``schema_version``."""
+        raw = asdict(self)
+        raw["findings"] = [
+            {**asdict(f), "fixes": [asdict(x) for x in f.fixes]} for f in self.findings
+        ]
+        return _encode(raw)
+
+    def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
+        """The report as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Report:
+        """Inverse of :meth:`to_dict`."""
+        version = raw.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"unsupported report schema_version {version!r}; expected {SCHEMA_VERSION}")
+        d = raw
+        findings = tuple(
+            Finding(
+                rule=f["rule"],
+                severity=f["severity"],
+                layers=tuple(f["layers"]),
+                first_step=int(f["first_step"]),
+                last_step=int(f["last_step"]),
+                message=f["message"],
+                evidence={str(k): _num(v) for k, v in f["evidence"].items()},
+                fixes=tuple(Fix(x["id"], x["text"]) for x in f["fixes"]),
+            )
+            for f in d["findings"]
+        )
+        layers = tuple(
+            LayerSummary(**{k: v if k == "name" else _num(v) for k, v in ls.items()})
+            for ls in d["layers"]
+        )
+        fl = d["flow"]
+        flow = FlowHistory(
+            bin_steps=tuple(int(s) for s in fl["bin_steps"]),
+            layers=tuple(fl["layers"]),
+            log10_norm=tuple(tuple(_num(v) for v in row) for row in fl["log10_norm"]),
+        )
+        return cls(
+            findings=findings,
+            layers=layers,
+            first_step=int(d["first_step"]),
+            last_step=int(d["last_step"]),
+            steps_observed=int(d["steps_observed"]),
+            flow=flow,
+            notes=tuple(d["notes"]),
+            schema_version=int(d["schema_version"]),
+        )
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> Report:
+        """Read a report written by :meth:`to_json`, from a path or from JSON text."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            text = Path(path_or_text).read_text(encoding="utf-8")
+        return cls.from_dict(json.loads(text))
+
+    # --- rendering -------------------------------------------------------------------
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        from gradwatch.render import render_report
+
+        yield from render_report(self)
+
+    def render(self, width: int = 80, color: bool = False) -> str:
+        """The console report as text."""
+        from gradwatch.render import render_to_text
+
+        return render_to_text(self, width=width, color=color)
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def plot(self, path: str | Path) -> Path:
+        """Write the gradient-flow picture as a PNG (needs the ``plot`` extra: matplotlib)."""
+        from gradwatch.plot import plot_report
+
+        return plot_report(self, path)
+
+
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return value
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _num(value: Any) -> Any:
+    """A number from :meth:`Report.to_dict`: ints stay ints, the non-finite strings
+    become floats."""
+    if isinstance(value, str):
+        return _NONFINITE[value]
+    return value

@@ -1,0 +1,118 @@
+"""What every rule shares: the :class:`Rule` base, its :class:`RuleContext` and :class:`Symptom`.
+
+A rule is a small frozen object with named thresholds and one method,
+:meth:`Rule.check`, that judges a window of statistics and returns a
+:class:`Symptom` or ``None``. Rules keep no state: the analyzer owns the window,
+counts persistence (a symptom must hold ``persistence`` consecutive checks before
+a finding opens) and tells the rule whether its finding is currently active, so
+the rule can apply hysteresis (a looser threshold to stay on than to turn on).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import numpy as np
+
+from gradwatch.fixes import Fix
+from gradwatch.window import WindowView
+
+
+@dataclass(frozen=True)
+class Symptom:
+    """What a rule sees in the current window."""
+
+    layers: tuple[str, ...]
+    severity: str
+    message: str
+    evidence: dict[str, float]
+    fixes: tuple[Fix, ...]
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    """Everything a rule may look at when it judges one step.
+
+    Attributes:
+        step: the newest step.
+        grads: per-layer-group gradient metrics (``norm``, ``max_abs``, ``mean_abs``,
+            ``zero_frac``, ``nonfinite``, ``numel``), oldest step first, model order.
+        acts: per-activation-layer metrics (``inactive``, ``dead``, ``tail``), from
+            the steps where activations were sampled.
+        act_kinds: the kind of each column of ``acts``.
+        act_is_output: whether each column of ``acts`` is the model's output.
+        run: per-step totals, one column ``"run"``: ``total_norm``, ``skipped``.
+        active: whether this rule's finding is in an active episode (hysteresis).
+        baseline_total_norm: median total gradient norm of the first checked steps,
+            or ``None`` before there is one.
+        hidden_kinds: the activation kinds seen on non-output layers so far.
+    """
+
+    step: int
+    grads: WindowView
+    acts: WindowView
+    act_kinds: tuple[str, ...]
+    act_is_output: tuple[bool, ...]
+    run: WindowView
+    active: bool
+    baseline_total_norm: float | None
+    hidden_kinds: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Base class. Subclasses set ``id`` and implement :meth:`check`.
+
+    Args:
+        window: how many of the newest steps the rule summarises. Defaults to ``20``.
+        persistence: consecutive checked steps a symptom must hold before a finding
+            opens. Defaults to ``10``.
+        warmup_steps: steps ignored at the start of a run, when statistics of any
+            network are in flux. Defaults to ``10``.
+    """
+
+    id: ClassVar[str] = ""
+    needs_activations: ClassVar[bool] = False
+
+    window: int = 20
+    persistence: int = 10
+    warmup_steps: int = 10
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"{type(self).__name__}.{f.name} must be a finite number >= 0, got {value!r}"
+                )
+        if self.window < 1:
+            raise ValueError(f"{type(self).__name__}.window must be >= 1, got {self.window}")
+        if self.persistence < 1:
+            raise ValueError(
+                f"{type(self).__name__}.persistence must be >= 1, got {self.persistence}"
+            )
+
+    def check(self, ctx: RuleContext) -> Symptom | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def window_median(values: np.ndarray) -> np.ndarray:
+    """Per-column median over rows, ignoring NaN (absent) entries; all-absent is NaN."""
+    if values.size == 0:
+        return np.full(values.shape[1] if values.ndim == 2 else 0, np.nan)
+    out = np.full(values.shape[1], np.nan)
+    present = ~np.all(np.isnan(values), axis=0)
+    if present.any():
+        out[present] = np.nanmedian(values[:, present], axis=0)
+    return out
+
+
+def format_layers(layers: tuple[str, ...], limit: int = 3) -> str:
+    """``"fc1, fc2 and 3 more"`` for messages."""
+    if len(layers) <= limit:
+        return ", ".join(layers)
+    return f"{', '.join(layers[:limit])} and {len(layers) - limit} more"

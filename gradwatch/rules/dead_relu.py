@@ -1,0 +1,120 @@
+"""``dead_relu``: ReLU units stuck at zero for whole batches, so they get no gradient."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch.activations import CAN_DIE
+from gradwatch.fixes import fixes
+from gradwatch.rules.base import Rule, RuleContext, Symptom, format_layers, window_median
+
+
+@dataclass(frozen=True)
+class DeadRelu(Rule):
+    """Flags hidden ReLU layers where most units are dead.
+
+    A unit is dead in a step when it outputs ``<= 0`` for every sample of the batch
+    (so its incoming weights get exactly zero gradient). The rule fires when the
+    window median of a layer's dead fraction exceeds ``dead_fraction``. Normal ReLU
+    sparsity (20-30% of units idle on a batch) stays well below it.
+
+    Without activation statistics the rule falls back to the gradients: a weight
+    group with at least ``zero_grad_fraction`` exact-zero entries is dying
+    (AUTOTRAINER). That fallback only runs when no ReLU activation was observed,
+    because sparse layers such as embeddings also have many zero gradients.
+
+    Args:
+        dead_fraction: fraction of dead units that makes a layer dead. Defaults to
+            ``0.5`` (SageMaker Debugger ``dead_relu``: more than 50% of a layer).
+        zero_grad_fraction: zero-gradient fraction for the fallback. Defaults to
+            ``0.7`` (AUTOTRAINER; DeepDiagnosis uses the same 70% on outputs).
+        min_samples: activation samples needed before judging. Defaults to ``3``.
+        hysteresis: once active, the dead fraction may fall by this factor before the
+            finding clears. Defaults to ``1.25``.
+
+    Example:
+        >>> DeadRelu(dead_fraction=0.6).dead_fraction
+        0.6
+    """
+
+    id = "dead_relu"
+    needs_activations = True
+
+    dead_fraction: float = 0.5
+    zero_grad_fraction: float = 0.7
+    min_samples: int = 3
+    hysteresis: float = 1.25
+
+    def check(self, ctx: RuleContext) -> Symptom | None:
+        relax = self.hysteresis if ctx.active else 1.0
+        relu_cols = [
+            i
+            for i, kind in enumerate(ctx.act_kinds)
+            if kind in CAN_DIE and not ctx.act_is_output[i]
+        ]
+        if relu_cols:
+            return self._from_activations(ctx, relu_cols, relax)
+        if ctx.hidden_kinds:
+            return None  # activations are observed and none can die
+        return self._from_gradients(ctx, relax)
+
+    def _from_activations(self, ctx: RuleContext, cols: list[int], relax: float) -> Symptom | None:
+        view = ctx.acts
+        rows = slice(max(0, view.n_steps - self.window), None)
+        dead = view["dead"][rows][:, cols]
+        if np.sum(~np.isnan(dead).all(axis=1)) < self.min_samples:
+            return None
+        median = window_median(dead)
+        hit = np.flatnonzero(median > self.dead_fraction / relax)
+        if hit.size == 0:
+            return None
+        layers = tuple(view.columns[cols[i]] for i in hit)
+        worst = float(np.nanmax(median[hit]))
+        onset = int(np.asarray(view.steps)[0]) if view.n_steps else ctx.step
+        evidence = {
+            "dead_unit_fraction": worst,
+            "layers_dead": float(hit.size),
+            "relu_layers": float(len(cols)),
+            "inactive_output_fraction": float(np.nanmax(window_median(view["inactive"][rows][:, cols]))),
+        }
+        message = (
+            f"{worst:.0%} of the units in {format_layers(layers)} output zero for whole "
+            f"batches, so they get no gradient and have stopped learning."
+        )
+        severity = "error" if worst >= 0.99 else "warning"
+        return Symptom(layers, severity, message, evidence, self._fixes(ctx, onset))
+
+    def _from_gradients(self, ctx: RuleContext, relax: float) -> Symptom | None:
+        view = ctx.grads
+        rows = slice(max(0, view.n_steps - self.window), None)
+        zero = window_median(view["zero_frac"][rows])
+        numel = window_median(view["numel"][rows])
+        # Groups with more than a handful of entries; a 1-element bias is no evidence.
+        hit = np.flatnonzero((zero >= self.zero_grad_fraction / relax) & (numel > 16))
+        if hit.size == 0:
+            return None
+        layers = tuple(view.columns[i] for i in hit)
+        worst = float(np.nanmax(zero[hit]))
+        evidence = {"zero_gradient_fraction": worst, "layers_dead": float(hit.size)}
+        message = (
+            f"{worst:.0%} of the gradient entries of {format_layers(layers)} are exactly "
+            f"zero, the signature of dying ReLU units."
+        )
+        return Symptom(layers, "warning", message, evidence, self._fixes(ctx, ctx.step))
+
+    def _fixes(self, ctx: RuleContext, onset: int) -> tuple:
+        baseline = ctx.baseline_total_norm
+        view = ctx.run
+        totals = view["total_norm"][:, 0]
+        spike = (
+            baseline is not None
+            and baseline > 0
+            and totals.size > 0
+            and bool(np.nanmax(totals) > 10 * baseline)
+        )
+        if spike:
+            # Units died after a gradient spike: a too-large step knocked them out.
+            return fixes("lower_learning_rate", "leaky_relu", "he_init")
+        return fixes("leaky_relu", "lower_learning_rate", "he_init")

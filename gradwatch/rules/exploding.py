@@ -1,0 +1,102 @@
+"""``exploding_gradient``: gradient norms blow up across layers or across steps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch.fixes import clipping_fix, fixes
+from gradwatch.rules.base import Rule, RuleContext, Symptom, format_layers, window_median
+
+# The usual default max-norm (fairseq, HF Trainer) when the run offers nothing to calibrate on.
+_DEFAULT_MAX_NORM = 1.0
+
+
+@dataclass(frozen=True)
+class ExplodingGradient(Rule):
+    """Flags gradient norms that grow geometrically backwards through the layers, or
+    grow without bound from step to step.
+
+    Two signals, either of which fires:
+
+    * **across layers**: the first live group's median norm is more than
+      ``ratio_threshold`` times the last group's (AUTOTRAINER's rule: backprop
+      amplifies the signal layer after layer);
+    * **across steps**: the median total norm of the newest quarter of the window is
+      more than ``growth_factor`` times the median of its oldest quarter.
+
+    Args:
+        ratio_threshold: first/last norm ratio above which gradients explode.
+            Defaults to ``70`` (AUTOTRAINER, Zhang et al., ICSE 2021).
+        growth_factor: total-norm growth inside the window that counts as explosive.
+            Defaults to ``100`` (two orders of magnitude in ``window`` steps; healthy
+            runs change norm by far less, see the scenario zoo).
+        window: steps looked at. Defaults to ``40`` so the growth signal compares two
+            10-step quarters.
+        hysteresis: once active, thresholds are relaxed by this factor. Defaults to ``2``.
+
+    Example:
+        >>> ExplodingGradient(growth_factor=1e3).growth_factor
+        1000.0
+    """
+
+    id = "exploding_gradient"
+
+    ratio_threshold: float = 70.0
+    growth_factor: float = 100.0
+    window: int = 40
+    persistence: int = 5
+    hysteresis: float = 2.0
+
+    def check(self, ctx: RuleContext) -> Symptom | None:
+        relax = self.hysteresis if ctx.active else 1.0
+        view = ctx.grads
+        rows = slice(max(0, view.n_steps - self.window), None)
+        norm = window_median(view["norm"][rows])
+        live = np.flatnonzero(~np.isnan(norm) & (norm > 0))
+        layer_ratio = float(norm[live[0]] / norm[live[-1]]) if live.size >= 2 else 1.0
+        total = ctx.run["total_norm"][rows, 0]
+        total = total[np.isfinite(total)]
+        growth = 1.0
+        quarter = max(1, self.window // 4)
+        if total.size >= 2 * quarter:
+            early = float(np.median(total[:quarter]))
+            late = float(np.median(total[-quarter:]))
+            growth = late / early if early > 0 else (math.inf if late > 0 else 1.0)
+        by_layers = layer_ratio > self.ratio_threshold / relax
+        by_steps = growth > self.growth_factor / relax
+        if not (by_layers or by_steps):
+            return None
+        if by_layers:
+            cut = norm[live[-1]] * math.sqrt(self.ratio_threshold / relax)
+            affected = tuple(view.columns[i] for i in live if norm[i] > cut)
+            message = (
+                f"Gradient norms grow {layer_ratio:.3g}x from the last layer back to the "
+                f"first ({format_layers(affected)}), so early weights take huge steps."
+            )
+        else:
+            affected = tuple(view.columns[i] for i in live)
+            message = (
+                f"The total gradient norm grew {growth:.3g}x within {self.window} steps "
+                f"and is heading for Inf/NaN."
+            )
+        latest = float(total[-1]) if total.size else math.nan
+        evidence = {
+            "first_last_norm_ratio": layer_ratio,
+            "norm_growth_in_window": growth,
+            "total_norm": latest,
+            "max_layer_norm": float(np.nanmax(norm[live])) if live.size else math.nan,
+        }
+        baseline = ctx.baseline_total_norm
+        calibrated = by_steps and not by_layers and baseline is not None and baseline > 0
+        max_norm = 2.0 * baseline if calibrated and baseline is not None else _DEFAULT_MAX_NORM
+        evidence["suggested_max_norm"] = max_norm
+        ranked = (clipping_fix(max_norm, calibrated),) + fixes(
+            "lower_learning_rate", "he_init", "xavier_init"
+        )
+        if by_layers and not by_steps:
+            # Amplification layer after layer is an init problem first; clipping only masks it.
+            ranked = (ranked[2], ranked[0], ranked[3], ranked[1])
+        return Symptom(affected, "warning", message, evidence, ranked)

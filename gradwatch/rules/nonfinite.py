@@ -1,0 +1,90 @@
+"""``nonfinite_gradient``: NaN or Inf in the gradients, or an AMP scaler skipping steps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch.fixes import fixes
+from gradwatch.rules.base import Rule, RuleContext, Symptom, format_layers
+
+
+@dataclass(frozen=True)
+class NonfiniteGradient(Rule):
+    """Flags NaN/Inf gradient entries at once, and optimizer steps skipped for them.
+
+    One non-finite gradient that reaches ``optimizer.step()`` poisons the weights, so
+    this rule needs no persistence. ``torch.amp.GradScaler`` skipping a step is
+    different: it skips a few while it calibrates its scale and again every
+    ``growth_interval`` steps by design, so only a sustained rate of skipped steps
+    counts.
+
+    Args:
+        skipped_fraction: fraction of the window's steps that were skipped, above
+            which the scaler is failing. Defaults to ``0.5``.
+        min_skipped: and at least this many skipped steps. Defaults to ``8``
+            (GradScaler's default ``init_scale=2**16`` can need several halvings
+            before fp16 gradients fit; ``backoff_factor=0.5`` per skip).
+        explosion_factor: if the last finite total norm exceeded the baseline by this
+            factor, the NaN came from an explosion (clipping first); otherwise from the
+            loss (a stable loss first). Defaults to ``10``.
+        window: steps looked at for the skip rate. Defaults to ``20``.
+
+    Example:
+        >>> NonfiniteGradient().persistence
+        1
+    """
+
+    id = "nonfinite_gradient"
+
+    skipped_fraction: float = 0.5
+    min_skipped: int = 8
+    explosion_factor: float = 10.0
+    persistence: int = 1
+    warmup_steps: int = 0
+
+    def check(self, ctx: RuleContext) -> Symptom | None:
+        view = ctx.grads
+        if view.n_steps == 0:
+            return None
+        rows = slice(max(0, view.n_steps - self.window), None)
+        nonfinite = view["nonfinite"][-1]
+        bad = np.flatnonzero(np.nan_to_num(nonfinite) > 0)
+        skipped = ctx.run["skipped"][rows, 0]
+        n_skipped = int(np.nansum(skipped))
+        skip_rate = n_skipped / max(1, skipped.size)
+        by_skips = n_skipped >= self.min_skipped and skip_rate > self.skipped_fraction
+        if bad.size == 0 and not by_skips:
+            return None
+        layers = tuple(view.columns[i] for i in bad)
+        totals = ctx.run["total_norm"][:, 0]
+        finite_totals = totals[np.isfinite(totals)]
+        last_finite = float(finite_totals[-1]) if finite_totals.size else math.nan
+        baseline = ctx.baseline_total_norm
+        exploded = (
+            baseline is not None and baseline > 0 and last_finite > self.explosion_factor * baseline
+        )
+        evidence = {
+            "nonfinite_entries": float(np.nansum(nonfinite)),
+            "layers_nonfinite": float(bad.size),
+            "skipped_steps_in_window": float(n_skipped),
+            "skipped_step_rate": skip_rate,
+            "last_finite_total_norm": last_finite,
+        }
+        if bad.size:
+            message = (
+                f"Gradients contain NaN/Inf in {format_layers(layers)}; "
+                f"the next optimizer step would corrupt the weights."
+            )
+        else:
+            message = (
+                f"The AMP grad scaler skipped {n_skipped} of the last {skipped.size} steps "
+                f"because the gradients overflowed, so the model is not training."
+            )
+        if exploded:
+            ranked = fixes("gradient_clipping", "lower_learning_rate", "stable_loss")
+        else:
+            ranked = fixes("stable_loss", "lower_learning_rate", "gradient_clipping")
+        return Symptom(layers, "error", message, evidence, ranked)

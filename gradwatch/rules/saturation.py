@@ -1,0 +1,84 @@
+"""``saturation``: sigmoid/tanh units pushed into their flat tails."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch.activations import CAN_SATURATE
+from gradwatch.fixes import fixes
+from gradwatch.rules.base import Rule, RuleContext, Symptom, format_layers, window_median
+
+
+@dataclass(frozen=True)
+class Saturation(Rule):
+    """Flags hidden squashing layers (sigmoid, tanh, hard variants) stuck in their tails.
+
+    A unit is in a tail when its derivative is below
+    :data:`gradwatch.activations.DEFAULT_TAIL_DERIVATIVE_FRACTION` (1%) of its maximum.
+    The rule fires when the window median of a hidden layer's tail fraction exceeds
+    ``tail_fraction``. The model's output activation is never judged: a sigmoid or
+    softmax output saturates on confident predictions, which is the goal.
+
+    Args:
+        tail_fraction: fraction of outputs in the tails that makes a layer saturated.
+            Defaults to ``0.5`` (more than half the layer, as SageMaker Debugger's
+            layer-level activation rules count it).
+        min_samples: activation samples needed before judging. Defaults to ``3``.
+        hysteresis: once active, the tail fraction may fall by this factor before the
+            finding clears. Defaults to ``1.25``.
+
+    Example:
+        >>> Saturation(tail_fraction=0.4).tail_fraction
+        0.4
+    """
+
+    id = "saturation"
+    needs_activations = True
+
+    tail_fraction: float = 0.5
+    min_samples: int = 3
+    hysteresis: float = 1.25
+
+    def check(self, ctx: RuleContext) -> Symptom | None:
+        cols = [
+            i
+            for i, kind in enumerate(ctx.act_kinds)
+            if kind in CAN_SATURATE and not ctx.act_is_output[i]
+        ]
+        if not cols:
+            return None
+        view = ctx.acts
+        rows = slice(max(0, view.n_steps - self.window), None)
+        tail = view["tail"][rows][:, cols]
+        if np.sum(~np.isnan(tail).all(axis=1)) < self.min_samples:
+            return None
+        median = window_median(tail)
+        relax = self.hysteresis if ctx.active else 1.0
+        hit = np.flatnonzero(median > self.tail_fraction / relax)
+        if hit.size == 0:
+            return None
+        layers = tuple(view.columns[cols[i]] for i in hit)
+        worst = float(np.nanmax(median[hit]))
+        evidence = {
+            "tail_fraction": worst,
+            "layers_saturated": float(hit.size),
+            "squashing_layers": float(len(cols)),
+            "first_layer_tail_fraction": float(median[0]),
+        }
+        message = (
+            f"{worst:.0%} of the outputs of {format_layers(layers)} sit in the flat tails "
+            f"of the activation, where the gradient is under 1% of its peak."
+        )
+        # Saturation strongest at the first layer, and far less after it: the raw inputs are too large.
+        rest = median[1:]
+        input_driven = (
+            median[0] > self.tail_fraction
+            and (rest.size == 0 or bool(np.nanmax(rest) < 0.5 * median[0]))
+        )
+        if input_driven:
+            ranked = fixes("normalize_inputs", "xavier_init", "batch_norm")
+        else:
+            ranked = fixes("xavier_init", "batch_norm", "normalize_inputs")
+        return Symptom(layers, "warning", message, evidence, ranked)

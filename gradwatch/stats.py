@@ -1,0 +1,107 @@
+"""The one data type that crosses the adapter-to-core boundary: :class:`StepStats`.
+
+Adapters reduce framework tensors on their device and hand the analyzer one
+``StepStats`` per step. It holds plain floats, ints and strings, never tensors, so
+rules, analyzer and report are tested by building it by hand.
+
+The layout is "struct of tuples": ``grad_layers[i]`` is described by
+``grad_norm[i]``, ``grad_max_abs[i]`` and so on. Layers are listed in model order,
+first (input side) to last (output side).
+
+Example:
+    >>> from gradwatch import StepStats
+    >>> s = StepStats(step=0, grad_layers=("fc1.weight",), grad_norm=(0.5,),
+    ...               grad_max_abs=(0.1,), grad_mean_abs=(0.01,),
+    ...               grad_zero_frac=(0.0,), grad_nonfinite=(0,), grad_numel=(100,))
+    >>> s.grad_norm[0]
+    0.5
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from gradwatch.activations import ActivationKind
+
+_GRAD_FIELDS = (
+    "grad_norm",
+    "grad_max_abs",
+    "grad_mean_abs",
+    "grad_zero_frac",
+    "grad_nonfinite",
+    "grad_numel",
+)
+_ACT_FIELDS = ("act_kinds", "act_inactive_frac", "act_dead_frac", "act_tail_frac", "act_is_output")
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """Per-layer gradient (and optionally activation) statistics of one training step.
+
+    Gradient fields, one entry per parameter tensor in ``grad_layers``:
+        grad_norm: L2 norm over the finite entries.
+        grad_max_abs: max |g| over the finite entries.
+        grad_mean_abs: mean |g| over all entries (non-finite ones count as 0).
+        grad_zero_frac: fraction of entries that are exactly 0.
+        grad_nonfinite: number of NaN or Inf entries.
+        grad_numel: number of entries.
+
+    Activation fields, one entry per activation layer in ``act_layers``:
+        act_kinds: an :class:`~gradwatch.activations.ActivationKind` value, e.g. ``"relu"``.
+        act_inactive_frac: fraction of outputs in the zero-gradient region (ReLU: ``<= 0``).
+        act_dead_frac: fraction of units (features/channels) inactive for every sample
+            of the batch.
+        act_tail_frac: fraction of outputs in the flat tails (see
+            :func:`gradwatch.activations.tail_bounds`).
+        act_is_output: whether this activation produces the model's output.
+
+    ``skipped_step`` marks an optimizer step that was skipped because the gradients
+    were not finite (e.g. ``torch.amp.GradScaler`` found Inf/NaN). Such a step may
+    carry no gradient fields at all.
+
+    All tuples of one family must have the same length; a ``ValueError`` says which
+    does not.
+    """
+
+    step: int
+    grad_layers: tuple[str, ...] = ()
+    grad_norm: tuple[float, ...] = ()
+    grad_max_abs: tuple[float, ...] = ()
+    grad_mean_abs: tuple[float, ...] = ()
+    grad_zero_frac: tuple[float, ...] = ()
+    grad_nonfinite: tuple[int, ...] = ()
+    grad_numel: tuple[int, ...] = ()
+    act_layers: tuple[str, ...] = ()
+    act_kinds: tuple[str, ...] = ()
+    act_inactive_frac: tuple[float, ...] = ()
+    act_dead_frac: tuple[float, ...] = ()
+    act_tail_frac: tuple[float, ...] = ()
+    act_is_output: tuple[bool, ...] = ()
+    skipped_step: bool = False
+
+    def __post_init__(self) -> None:
+        n_grad = len(self.grad_layers)
+        for name in _GRAD_FIELDS:
+            if len(getattr(self, name)) != n_grad:
+                raise ValueError(
+                    f"StepStats.{name} has {len(getattr(self, name))} entries, "
+                    f"grad_layers has {n_grad}"
+                )
+        n_act = len(self.act_layers)
+        for name in _ACT_FIELDS:
+            if len(getattr(self, name)) != n_act:
+                raise ValueError(
+                    f"StepStats.{name} has {len(getattr(self, name))} entries, "
+                    f"act_layers has {n_act}"
+                )
+        known = {k.value for k in ActivationKind}
+        for kind in self.act_kinds:
+            if kind not in known:
+                raise ValueError(
+                    f"StepStats.act_kinds has unknown kind {kind!r}; expected one of {sorted(known)}"
+                )
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """All field names, in declaration order."""
+        return tuple(f.name for f in fields(cls))
