@@ -186,6 +186,8 @@ class Analyzer:
         groups, idx = self._groups(s.grad_layers)
         n = len(groups)
         norm = np.asarray(s.grad_norm, dtype=np.float64)
+        # Adapters that cannot afford a finite-only norm pass NaN/Inf: treat as unknown.
+        norm = np.where(np.isfinite(norm), norm, np.nan)
         numel = np.asarray(s.grad_numel, dtype=np.float64)
         g_numel = np.bincount(idx, numel, n)
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -39,7 +39,9 @@ class StepStats:
     """Per-layer gradient (and optionally activation) statistics of one training step.
 
     Gradient fields, one entry per parameter tensor in ``grad_layers``:
-        grad_norm: L2 norm over the finite entries.
+        grad_norm: L2 norm over the finite entries. An adapter that cannot afford
+            that may pass NaN or Inf when ``grad_nonfinite > 0``; the analyzer then
+            treats the norm as unknown for that step.
         grad_max_abs: max |g| over the finite entries.
         grad_mean_abs: mean |g| over all entries (non-finite ones count as 0).
         grad_zero_frac: fraction of entries that are exactly 0.
