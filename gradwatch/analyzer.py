@@ -59,7 +59,8 @@ class Analyzer:
     """Consumes per-layer gradient statistics step by step and judges them with rules.
 
     Args:
-        rules: the rules to apply. Defaults to :data:`gradwatch.rules.DEFAULT_RULES`.
+        rules: the rules to apply: :class:`~gradwatch.rules.Rule` instances, or built-in
+            rule ids such as ``"dead_relu"``. Defaults to :data:`gradwatch.rules.DEFAULT_RULES`.
         window: steps kept for the rules to judge (memory is bounded by it). Defaults to
             ``64``; must be at least every rule's ``window``.
         history_bins: time bins of the downsampled flow history. Defaults to ``128``.
@@ -75,7 +76,7 @@ class Analyzer:
 
     def __init__(
         self,
-        rules: Sequence[Rule] = DEFAULT_RULES,
+        rules: Sequence[Rule | str] = DEFAULT_RULES,
         *,
         window: int = 64,
         history_bins: int = 128,
@@ -85,7 +86,7 @@ class Analyzer:
     ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1, got {window!r}")
-        rules = tuple(rules)
+        rules = resolve_rules(rules)
         ids = [r.id for r in rules]
         for rule in rules:
             if not isinstance(rule, Rule) or not rule.id:
@@ -133,7 +134,8 @@ class Analyzer:
     ) -> None:
         """Analyze one step given raw arrays (numpy, or anything ``numpy.asarray`` or
         DLPack accepts). ``activations`` maps a name to ``(array, kind)`` or
-        ``(array, kind, unit_axis[, is_output])``; see :func:`gradwatch.reduce.step_stats_from_arrays`.
+        ``(array, kind, unit_axis[, is_output])``; see
+        :func:`gradwatch.reduce.step_stats_from_arrays`.
         """
         if not self.guard.enabled:
             return
@@ -176,7 +178,9 @@ class Analyzer:
         if s.grad_layers:
             total_norm = self._ingest_grads(s)
         self._run.push(
-            step, ("run",), {"total_norm": np.array([total_norm]), "skipped": np.array([float(s.skipped_step)])}
+            step,
+            ("run",),
+            {"total_norm": np.array([total_norm]), "skipped": np.array([float(s.skipped_step)])},
         )
         if s.act_layers:
             self._ingest_acts(s)
@@ -217,7 +221,7 @@ class Analyzer:
         return float(np.sqrt(np.sum(g_norm * g_norm)))
 
     def _ingest_acts(self, s: StepStats) -> None:
-        for name, kind, out in zip(s.act_layers, s.act_kinds, s.act_is_output):
+        for name, kind, out in zip(s.act_layers, s.act_kinds, s.act_is_output, strict=False):
             if name not in self._act_kind:
                 self._act_kind[name] = kind
                 self._act_output[name] = bool(out)
@@ -339,7 +343,9 @@ class Analyzer:
                     name=name,
                     steps=steps,
                     typical_norm=typical,
-                    min_norm=float(d["min_norm"][i]) if math.isfinite(d["min_norm"][i]) else math.nan,
+                    min_norm=float(d["min_norm"][i])
+                    if math.isfinite(d["min_norm"][i])
+                    else math.nan,
                     max_norm=float(d["max_norm"][i]),
                     last_norm=float(d["last_norm"][i]),
                     max_abs=float(d["max_abs"][i]),
@@ -361,11 +367,19 @@ class Analyzer:
         )
 
 
-def validate_rule_ids(rule_ids: Sequence[str]) -> None:
-    """Raise ``ValueError`` naming any id that is not a built-in rule id."""
-    unknown = sorted(set(rule_ids) - set(RULE_IDS))
+def resolve_rules(rules: Sequence[Rule | str]) -> tuple[Rule, ...]:
+    """Rule instances for ``rules``; a string picks the built-in rule with that id.
+
+    Raises:
+        ValueError: naming any id that is not a built-in rule id.
+    """
+    if isinstance(rules, (str, Rule)):
+        rules = [rules]
+    by_id = {r.id: r for r in DEFAULT_RULES}
+    unknown = sorted(r for r in rules if isinstance(r, str) and r not in by_id)
     if unknown:
-        raise ValueError(f"unknown rule ids {unknown}; known: {list(RULE_IDS)}")
+        raise ValueError(f"rules: unknown rule ids {unknown}; known: {list(RULE_IDS)}")
+    return tuple(by_id[r] if isinstance(r, str) else r for r in rules)
 
 
-__all__ = ["Analyzer", "module_of", "validate_rule_ids"]
+__all__ = ["Analyzer", "module_of", "resolve_rules"]

@@ -10,6 +10,7 @@ long the run.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import numpy as np
 
@@ -37,7 +38,7 @@ def _grow(arr: np.ndarray, width: int, fill: float) -> np.ndarray:
     if arr.shape[-1] >= width:
         return arr
     new_width = max(width, 2 * arr.shape[-1], 8)
-    grown = np.full(arr.shape[:-1] + (new_width,), fill, dtype=arr.dtype)
+    grown = np.full((*arr.shape[:-1], new_width), fill, dtype=arr.dtype)
     grown[..., : arr.shape[-1]] = arr
     return grown
 
@@ -45,7 +46,7 @@ def _grow(arr: np.ndarray, width: int, fill: float) -> np.ndarray:
 class LayerTotals:
     """Running per-group aggregates over the whole run."""
 
-    _FIELDS = {
+    _FIELDS: ClassVar[dict[str, float]] = {
         "steps": 0.0,
         "log_norm_sum": 0.0,
         "log_norm_count": 0.0,

@@ -98,7 +98,8 @@ class Report:
         raw["findings"] = [
             {**asdict(f), "fixes": [asdict(x) for x in f.fixes]} for f in self.findings
         ]
-        return _encode(raw)
+        encoded: dict[str, Any] = _encode(raw)
+        return encoded
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
         """The report as JSON text; also written to ``path`` when given."""
@@ -112,7 +113,9 @@ class Report:
         """Inverse of :meth:`to_dict`."""
         version = raw.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ValueError(f"unsupported report schema_version {version!r}; expected {SCHEMA_VERSION}")
+            raise ValueError(
+                f"unsupported report schema_version {version!r}; expected {SCHEMA_VERSION}"
+            )
         d = raw
         findings = tuple(
             Finding(

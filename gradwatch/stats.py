@@ -100,7 +100,8 @@ class StepStats:
         for kind in self.act_kinds:
             if kind not in known:
                 raise ValueError(
-                    f"StepStats.act_kinds has unknown kind {kind!r}; expected one of {sorted(known)}"
+                    f"StepStats.act_kinds has unknown kind {kind!r}; "
+                    f"expected one of {sorted(known)}"
                 )
 
     @classmethod

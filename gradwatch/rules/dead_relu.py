@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch.activations import CAN_DIE
-from gradwatch.fixes import fixes
+from gradwatch.fixes import Fix, fixes
 from gradwatch.rules.base import Rule, RuleContext, Symptom, format_layers, window_median
 
 
@@ -72,19 +72,20 @@ class DeadRelu(Rule):
             return None
         layers = tuple(view.columns[cols[i]] for i in hit)
         worst = float(np.nanmax(median[hit]))
-        onset = int(np.asarray(view.steps)[0]) if view.n_steps else ctx.step
         evidence = {
             "dead_unit_fraction": worst,
             "layers_dead": float(hit.size),
             "relu_layers": float(len(cols)),
-            "inactive_output_fraction": float(np.nanmax(window_median(view["inactive"][rows][:, cols]))),
+            "inactive_output_fraction": float(
+                np.nanmax(window_median(view["inactive"][rows][:, cols]))
+            ),
         }
         message = (
             f"{worst:.0%} of the units in {format_layers(layers)} output zero for whole "
             f"batches, so they get no gradient and have stopped learning."
         )
         severity = "error" if worst >= 0.99 else "warning"
-        return Symptom(layers, severity, message, evidence, self._fixes(ctx, onset))
+        return Symptom(layers, severity, message, evidence, self._fixes(ctx))
 
     def _from_gradients(self, ctx: RuleContext, relax: float) -> Symptom | None:
         view = ctx.grads
@@ -102,9 +103,9 @@ class DeadRelu(Rule):
             f"{worst:.0%} of the gradient entries of {format_layers(layers)} are exactly "
             f"zero, the signature of dying ReLU units."
         )
-        return Symptom(layers, "warning", message, evidence, self._fixes(ctx, ctx.step))
+        return Symptom(layers, "warning", message, evidence, self._fixes(ctx))
 
-    def _fixes(self, ctx: RuleContext, onset: int) -> tuple:
+    def _fixes(self, ctx: RuleContext) -> tuple[Fix, ...]:
         baseline = ctx.baseline_total_norm
         view = ctx.run
         totals = view["total_norm"][:, 0]

@@ -93,9 +93,8 @@ class ExplodingGradient(Rule):
         calibrated = by_steps and not by_layers and baseline is not None and baseline > 0
         max_norm = 2.0 * baseline if calibrated and baseline is not None else _DEFAULT_MAX_NORM
         evidence["suggested_max_norm"] = max_norm
-        ranked = (clipping_fix(max_norm, calibrated),) + fixes(
-            "lower_learning_rate", "he_init", "xavier_init"
-        )
+        others = fixes("lower_learning_rate", "he_init", "xavier_init")
+        ranked = (clipping_fix(max_norm, calibrated), *others)
         if by_layers and not by_steps:
             # Amplification layer after layer is an init problem first; clipping only masks it.
             ranked = (ranked[2], ranked[0], ranked[3], ranked[1])

@@ -71,11 +71,10 @@ class Saturation(Rule):
             f"{worst:.0%} of the outputs of {format_layers(layers)} sit in the flat tails "
             f"of the activation, where the gradient is under 1% of its peak."
         )
-        # Saturation strongest at the first layer, and far less after it: the raw inputs are too large.
+        # Strongest at the first layer and far less after it: the raw inputs are too large.
         rest = median[1:]
-        input_driven = (
-            median[0] > self.tail_fraction
-            and (rest.size == 0 or bool(np.nanmax(rest) < 0.5 * median[0]))
+        input_driven = median[0] > self.tail_fraction and (
+            rest.size == 0 or bool(np.nanmax(rest) < 0.5 * median[0])
         )
         if input_driven:
             ranked = fixes("normalize_inputs", "xavier_init", "batch_norm")
