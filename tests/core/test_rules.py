@@ -1,0 +1,289 @@
+"""Each rule on hand-built statistics: a positive, a negative and a borderline case."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from synth import decaying, grad_step, noisy, rule_ids, run
+
+from gradwatch import Analyzer
+from gradwatch.rules import DeadRelu, ExplodingGradient, Saturation, VanishingGradient
+
+SIGMOID_ACTS = {f"act{i}": ("sigmoid", 0.0, 0.0, 0.05) for i in range(9)}
+RELU_ACTS = {f"act{i}": ("relu", 0.5, 0.2, 0.0) for i in range(9)}
+
+
+def healthy(step: int, rng: np.random.Generator):
+    return grad_step(step, noisy([0.5, 0.8, 1.0, 0.7, 0.9, 1.2, 0.6, 0.4, 0.3, 1.0], rng))
+
+
+# --- vanishing_gradient -------------------------------------------------------------
+
+
+def test_vanishing_deep_sigmoid_stack_names_first_layers_and_ranks_activation_fixes():
+    # The issue's acceptance case: norms shrinking x0.25 per layer through a sigmoid stack.
+    an = run(60, lambda s, rng: grad_step(s, noisy(decaying(10, 0.25), rng), acts=SIGMOID_ACTS))
+    f = an.report().by_rule("vanishing_gradient")
+    assert f is not None and f.severity == "warning"
+    assert f.layers[0] == "fc0" and "fc9" not in f.layers
+    assert {"he_init", "leaky_relu"} & {fx.id for fx in f.fixes[:2]}
+    assert f.evidence["first_last_norm_ratio"] == pytest.approx(0.25**9, rel=0.5)
+    assert f.evidence["per_layer_decay"] == pytest.approx(0.25, rel=0.1)
+
+
+def test_vanishing_in_relu_net_recommends_normalisation_or_residuals_first():
+    an = run(60, lambda s, rng: grad_step(s, noisy(decaying(10, 0.25), rng), acts=RELU_ACTS))
+    f = an.report().by_rule("vanishing_gradient")
+    assert f is not None
+    assert f.fixes[0].id in {"batch_norm", "residual"}
+
+
+def test_healthy_norms_raise_nothing():
+    an = run(300, healthy)
+    assert rule_ids(an, "info") == set()
+    assert an.report().healthy
+
+
+def test_vanishing_borderline_on_the_ratio_threshold():
+    # First/last = 2e-3 (just above AUTOTRAINER's 1e-3) must stay quiet even with a
+    # tiny first-layer norm; 5e-4 must fire.
+    def at(ratio: float):
+        return lambda s, rng: grad_step(s, [1e-5, 1e-3, 1e-5 / ratio])
+
+    assert "vanishing_gradient" not in rule_ids(run(60, at(2e-3)))
+    assert "vanishing_gradient" in rule_ids(run(60, at(5e-4)))
+
+
+def test_vanishing_needs_a_small_absolute_norm_unless_the_ratio_is_extreme():
+    # Ratio 1e-4 but first-layer norm 0.01: AUTOTRAINER's absolute floor keeps it quiet.
+    assert "vanishing_gradient" not in rule_ids(run(60, lambda s, r: grad_step(s, [0.01, 100.0])))
+    # Ratio 1e-6 fires whatever the scale (loss reduction changes absolute norms).
+    assert "vanishing_gradient" in rule_ids(run(60, lambda s, r: grad_step(s, [0.01, 1e4])))
+
+
+def test_tiny_gradients_everywhere_are_convergence_not_vanishing():
+    an = run(100, lambda s, rng: grad_step(s, noisy([1e-9] * 6, rng)))
+    assert "vanishing_gradient" not in rule_ids(an)
+
+
+def test_frozen_first_layers_are_never_vanishing():
+    # fc0 and fc1 frozen (no gradient at all): the live first layer is fc2, healthy.
+    names = ["fc2.weight", "fc3.weight", "fc4.weight"]
+    an = run(100, lambda s, rng: grad_step(s, noisy([0.5, 0.7, 1.0], rng), names=names))
+    assert "vanishing_gradient" not in rule_ids(an, "info")
+
+
+def test_dead_first_layer_is_left_to_dead_relu_not_vanishing():
+    zero = [0.95, 0.0, 0.0]
+    an = run(60, lambda s, r: grad_step(s, [1e-9, 0.5, 1.0], zero_frac=zero))
+    assert "vanishing_gradient" not in rule_ids(an, "info")
+
+
+def test_one_noisy_dip_does_not_fire_persistence():
+    def dip(step: int, rng: np.random.Generator):
+        norms = [1e-7, 1.0] if step == 30 else [0.5, 1.0]
+        return grad_step(step, norms)
+
+    assert rule_ids(run(100, dip), "info") == set()
+
+
+def test_vanishing_hysteresis_keeps_the_finding_active_near_the_threshold():
+    # Fires at ratio 1e-4, then hovers at 1.5e-3: above the turn-on threshold but
+    # inside the hysteresis band, so the episode continues to the end.
+    def make(step: int, rng: np.random.Generator):
+        ratio = 1e-4 if step < 60 else 1.5e-3
+        return grad_step(step, [5e-5, 5e-5 / ratio])
+
+    f = run(150, make).report().by_rule("vanishing_gradient")
+    assert f is not None and f.last_step == 149
+    plain = run(150, lambda s, r: grad_step(s, [5e-5, 5e-5 / 1.5e-3]))
+    assert "vanishing_gradient" not in rule_ids(plain)
+
+
+# --- exploding_gradient ---------------------------------------------------------------
+
+
+def test_exploding_across_layers_puts_initialisation_first():
+    an = run(60, lambda s, rng: grad_step(s, noisy(decaying(6, 4.0), rng)))
+    f = an.report().by_rule("exploding_gradient")
+    assert f is not None
+    assert f.evidence["first_last_norm_ratio"] > 70
+    assert f.fixes[0].id == "he_init"
+    assert "gradient_clipping" in [x.id for x in f.fixes]
+
+
+def test_exploding_across_steps_suggests_clipping_calibrated_on_healthy_norms():
+    def make(step: int, rng: np.random.Generator):
+        scale = 1.0 if step < 60 else 1.5 ** (step - 60)
+        return grad_step(step, noisy([0.3 * scale, 0.4 * scale, 0.5 * scale], rng, 0.1))
+
+    f = run(90, make).report().by_rule("exploding_gradient")
+    assert f is not None and f.first_step > 60
+    assert f.fixes[0].id == "gradient_clipping"
+    healthy_total = math.sqrt(0.3**2 + 0.4**2 + 0.5**2)
+    assert f.evidence["suggested_max_norm"] == pytest.approx(2 * healthy_total, rel=0.2)
+    assert f"{f.evidence['suggested_max_norm']:.3g}" in f.fixes[0].text
+
+
+def test_exploding_borderline_layer_ratio():
+    assert "exploding_gradient" not in rule_ids(run(60, lambda s, r: grad_step(s, [60.0, 1.0])))
+    assert "exploding_gradient" in rule_ids(run(60, lambda s, r: grad_step(s, [80.0, 1.0])))
+
+
+def test_slow_norm_growth_of_normal_training_is_not_exploding():
+    # Norms that triple over 300 steps (a loss landscape sharpening) are normal.
+    def make(step: int, rng: np.random.Generator):
+        return grad_step(step, noisy([0.5 * 3 ** (step / 300), 1.0], rng))
+
+    assert "exploding_gradient" not in rule_ids(run(300, make), "info")
+
+
+# --- nonfinite_gradient ---------------------------------------------------------------
+
+
+def test_nan_gradient_is_an_error_at_once_naming_the_layer():
+    def make(step: int, rng: np.random.Generator):
+        return grad_step(step, [0.5, 1.0], nonfinite=[0, 3] if step == 25 else 0)
+
+    f = run(40, make).report().by_rule("nonfinite_gradient")
+    assert f is not None and f.severity == "error"
+    assert f.first_step == 25 and f.layers == ("fc1",)
+    assert f.fixes[0].id == "stable_loss"  # no growth before: the loss produced the NaN
+
+
+def test_nan_after_growth_ranks_clipping_first():
+    def make(step: int, rng: np.random.Generator):
+        scale = 1.0 if step < 30 else 3.0 ** (step - 30)
+        return grad_step(step, [0.5 * scale, scale], nonfinite=[5, 5] if step == 38 else 0)
+
+    f = run(40, make).report().by_rule("nonfinite_gradient")
+    assert f is not None and f.fixes[0].id == "gradient_clipping"
+
+
+def test_gradscaler_calibration_skips_are_not_a_finding():
+    # GradScaler halves its scale on the first few overflowing steps: normal.
+    def make(step: int, rng: np.random.Generator):
+        if step < 5:
+            return grad_step(step, [], skipped=True)
+        return grad_step(step, noisy([0.5, 1.0], rng))
+
+    assert rule_ids(run(80, make), "info") == set()
+
+
+def test_sustained_skipped_steps_are_an_error():
+    def make(step: int, rng: np.random.Generator):
+        if step >= 20 and step % 4 != 0:
+            return grad_step(step, [], skipped=True)
+        return grad_step(step, [0.5, 1.0])
+
+    f = run(60, make).report().by_rule("nonfinite_gradient")
+    assert f is not None and f.severity == "error"
+    assert f.evidence["skipped_step_rate"] > 0.5
+
+
+# --- dead_relu ------------------------------------------------------------------------
+
+
+def _relu_run(dead: float, steps: int = 60, output_dead: float = 0.0, **kw):
+    acts = {
+        "act0": ("relu", dead, dead, 0.0),
+        "act1": ("relu", 0.3, 0.1, 0.0),
+        "out": ("relu", output_dead, output_dead, 0.0),
+    }
+    return run(steps, lambda s, r: grad_step(s, [0.5, 1.0], acts=acts, output="out", **kw))
+
+
+def test_dead_relu_fires_on_a_mostly_dead_layer():
+    f = _relu_run(0.8).report().by_rule("dead_relu")
+    assert f is not None and f.layers == ("act0",)
+    assert [x.id for x in f.fixes][0] == "leaky_relu"
+    assert f.evidence["dead_unit_fraction"] == pytest.approx(0.8)
+
+
+def test_normal_relu_sparsity_is_quiet():
+    assert "dead_relu" not in rule_ids(_relu_run(0.3), "info")
+
+
+def test_dead_relu_borderline():
+    assert "dead_relu" not in rule_ids(_relu_run(0.5))  # SageMaker: more than 50%
+    assert "dead_relu" in rule_ids(_relu_run(0.55))
+
+
+def test_output_relu_is_not_judged():
+    assert "dead_relu" not in rule_ids(_relu_run(0.2, output_dead=0.95), "info")
+
+
+def test_fully_dead_layer_is_an_error():
+    f = _relu_run(1.0).report().by_rule("dead_relu")
+    assert f is not None and f.severity == "error"
+
+
+def test_dead_relu_falls_back_to_zero_gradients_without_activation_stats():
+    an = run(60, lambda s, r: grad_step(s, [0.5, 1.0], zero_frac=[0.9, 0.1]))
+    f = an.report().by_rule("dead_relu")
+    assert f is not None and f.layers == ("fc0",)
+
+
+def test_zero_gradient_fallback_is_off_when_activations_are_observed():
+    acts = {"act0": ("leaky_relu", 0.5, 0.0, 0.0)}
+    an = run(60, lambda s, r: grad_step(s, [0.5, 1.0], zero_frac=[0.9, 0.1], acts=acts))
+    assert "dead_relu" not in rule_ids(an, "info")
+
+
+# --- saturation -----------------------------------------------------------------------
+
+
+def _sat_run(tails: list[float], kind: str = "sigmoid", output_tail: float = 0.0):
+    acts = {f"act{i}": (kind, 0.0, 0.0, t) for i, t in enumerate(tails)}
+    acts["out"] = ("sigmoid", 0.0, 0.0, output_tail)
+    return run(60, lambda s, r: grad_step(s, [0.5, 1.0], acts=acts, output="out"))
+
+
+def test_saturation_fires_on_hidden_layers_in_their_tails():
+    f = _sat_run([0.7, 0.8, 0.9], kind="tanh").report().by_rule("saturation")
+    assert f is not None and f.layers == ("act0", "act1", "act2")
+    assert f.fixes[0].id == "xavier_init"
+
+
+def test_confident_sigmoid_output_is_not_saturation():
+    assert "saturation" not in rule_ids(_sat_run([0.05, 0.05], output_tail=0.99), "info")
+
+
+def test_saturation_borderline():
+    assert "saturation" not in rule_ids(_sat_run([0.5, 0.1]))
+    assert "saturation" in rule_ids(_sat_run([0.55, 0.1]))
+
+
+def test_saturation_only_at_the_input_layer_points_at_the_inputs():
+    f = _sat_run([0.95, 0.05, 0.05]).report().by_rule("saturation")
+    assert f is not None and f.fixes[0].id == "normalize_inputs"
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("factory", "parameter"),
+    [
+        (lambda: VanishingGradient(ratio_threshold=-1.0), "ratio_threshold"),
+        (lambda: ExplodingGradient(growth_factor=math.nan), "growth_factor"),
+        (lambda: DeadRelu(window=0), "window"),
+        (lambda: Saturation(persistence=0), "persistence"),
+        (lambda: Analyzer(window=0), "window"),
+        (lambda: Analyzer(rules=["vanishing_gradient", "no_such_rule"]), "no_such_rule"),
+        (lambda: Analyzer(rules=[VanishingGradient(), VanishingGradient()]), "duplicate"),
+        (lambda: Analyzer(window=10), r"window=10 is smaller than \w+\.window"),
+    ],
+)
+def test_bad_configuration_is_a_value_error_naming_the_parameter(factory, parameter):
+    with pytest.raises(ValueError, match=parameter):
+        factory()
+
+
+def test_rules_can_be_selected_by_id_and_replaced():
+    an = Analyzer(rules=["dead_relu", VanishingGradient(ratio_threshold=1e-2)], strict=True)
+    assert [r.id for r in an.rules] == ["dead_relu", "vanishing_gradient"]
+    run(60, lambda s, r: grad_step(s, [5e-5, 1e-2]), analyzer=an)  # ratio 5e-3
+    assert rule_ids(an) == {"vanishing_gradient"}
