@@ -1,0 +1,703 @@
+"""The Keras 3 adapter: :class:`GradWatchCallback`, a ``model.fit`` callback.
+
+A Keras callback is never handed gradients, and recomputing them on a side batch
+(the usual workaround) would watch a different signal from the one that trains the
+model. Instead, for the duration of ``fit`` this callback:
+
+* wraps the optimizer's ``apply`` (instance attribute, removed after ``fit``) so that
+  *inside the compiled train step* the per-variable statistics of the very gradients
+  being applied are reduced with ``keras.ops`` and written into a small ring of
+  non-trainable variables owned by the callback;
+* wraps the ``call`` of every activation layer (Dense/Conv with an activation,
+  ``Activation``, ``ReLU``, ``LeakyReLU``, ``PReLU``, ``ELU``, ``Softmax``) so that,
+  on sampled training steps, its output is reduced to inactive/dead/tail fractions
+  the same way;
+* reads the ring every ``flush_every`` batches in ``on_train_batch_end`` (one host
+  transfer per ring) and hands :class:`gradwatch.StepStats` to the
+  :class:`gradwatch.Analyzer`.
+
+Because the wrappers are Python, they act when the train function is traced; the
+callback forces a retrace when ``fit`` starts and when it ends, so a later ``fit``
+without the callback runs the original graph.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from gradwatch.activations import (
+    CAN_DIE,
+    CAN_SATURATE,
+    DEFAULT_TAIL_DERIVATIVE_FRACTION,
+    SQUASHING,
+    ActivationKind,
+    kind_from_name,
+    tail_bounds,
+)
+from gradwatch.analyzer import Analyzer
+from gradwatch.findings import SEVERITY_RANK, Finding
+from gradwatch.guard import FindingError, GradwatchWarning, Guard
+from gradwatch.report import Report
+from gradwatch.rules import DEFAULT_RULES, Rule
+from gradwatch.stats import StepStats
+
+__all__ = ["GradWatchCallback"]
+
+_ON_FINDING_MODES = ("warn", "raise", "stop", "ignore")
+# Columns of the per-variable gradient statistics row.
+_NORM, _MAX_ABS, _MEAN_ABS, _ZERO_FRAC, _NONFINITE, _NUMEL = range(6)
+# Layers whose `call` returns `self.activation(...)` as its last operation.
+_ACTIVATION_ATTR_LAYERS: tuple[type, ...] = (
+    keras.layers.Dense,
+    keras.layers.EinsumDense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+    keras.layers.SeparableConv1D,
+    keras.layers.SeparableConv2D,
+    keras.layers.DepthwiseConv1D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.Activation,
+)
+# Layers with an activation applied inside a recurrence or a custom call: not covered.
+_UNCOVERED_ACTIVATION_LAYERS: tuple[type, ...] = (
+    keras.layers.SimpleRNN,
+    keras.layers.LSTM,
+    keras.layers.GRU,
+    keras.layers.ConvLSTM1D,
+    keras.layers.ConvLSTM2D,
+    keras.layers.ConvLSTM3D,
+    keras.layers.Lambda,
+)
+
+
+def _activation_kind(layer: keras.layers.Layer) -> str | None:
+    """The activation kind a layer's output has, or ``None`` if it has none we track."""
+    if isinstance(layer, keras.layers.ReLU):
+        if float(layer.negative_slope) > 0.0:
+            return ActivationKind.LEAKY_RELU.value
+        if layer.max_value is not None and float(layer.max_value) == 6.0:
+            return ActivationKind.RELU6.value
+        return ActivationKind.RELU.value
+    if isinstance(layer, (keras.layers.LeakyReLU, keras.layers.PReLU)):
+        return ActivationKind.LEAKY_RELU.value
+    if isinstance(layer, keras.layers.ELU):
+        return ActivationKind.ELU.value
+    if isinstance(layer, keras.layers.Softmax):
+        return ActivationKind.SOFTMAX.value
+    if isinstance(layer, _ACTIVATION_ATTR_LAYERS):
+        fn = getattr(layer, "activation", None)
+        if fn is None:
+            return None
+        name = getattr(fn, "__name__", type(fn).__name__)
+        if name == "linear":
+            return None
+        return kind_from_name(name)
+    return None
+
+
+def _unit_axis(layer: keras.layers.Layer) -> int:
+    return 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else -1
+
+
+def _grad_row(grad: Any) -> Any:
+    """``[norm, max_abs, mean_abs, zero_frac, nonfinite, numel]`` of one gradient, in-graph.
+
+    Norm and max are over the finite entries, as :func:`gradwatch.reduce.grad_stats_from_array`.
+    """
+    g = ops.reshape(ops.cast(grad, "float32"), (-1,))
+    numel = max(int(np.prod(grad.shape)), 1)
+    finite = ops.isfinite(g)
+    a = ops.where(finite, ops.abs(g), 0.0)
+    return ops.stack(
+        [
+            ops.sqrt(ops.sum(ops.square(a))),
+            ops.max(a),
+            ops.sum(a) / numel,
+            ops.sum(ops.cast(ops.equal(g, 0.0), "float32")) / numel,
+            numel - ops.sum(ops.cast(finite, "float32")),
+            ops.convert_to_tensor(float(numel), "float32"),
+        ]
+    )
+
+
+def _activation_row(y: Any, kind: str, unit_axis: int, derivative_fraction: float) -> Any:
+    """``[inactive, dead, tail]`` fractions of one activation output, in-graph.
+
+    Mirrors :func:`gradwatch.activations.activation_stats_from_array`.
+    """
+    y = ops.cast(ops.stop_gradient(y), "float32")
+    zero = ops.convert_to_tensor(0.0, "float32")
+    inactive = ops.less_equal(y, 0.0)
+    inactive_frac = zero if kind in SQUASHING else ops.mean(ops.cast(inactive, "float32"))
+    if kind in CAN_DIE:
+        moved = ops.moveaxis(inactive, unit_axis, -1) if unit_axis != -1 else inactive
+        per_unit = ops.reshape(moved, (-1, moved.shape[-1]))
+        dead_frac = ops.mean(ops.cast(ops.all(per_unit, axis=0), "float32"))
+    else:
+        dead_frac = zero
+    if kind in CAN_SATURATE:
+        lo, hi = tail_bounds(kind, derivative_fraction)
+        tails = ops.logical_or(ops.less_equal(y, lo), ops.greater_equal(y, hi))
+        tail_frac = ops.mean(ops.cast(tails, "float32"))
+    else:
+        tail_frac = zero
+    return ops.stack([inactive_frac, dead_frac, tail_frac])
+
+
+def _one_hot_where(index: Any, size: int, new: Any, old: Any) -> Any:
+    """``old`` with entry ``index`` along axis 0 replaced by ``new`` (no scatter needed)."""
+    mask = ops.equal(ops.arange(size, dtype="int32"), ops.cast(index, "int32"))
+    mask = ops.reshape(mask, (size,) + (1,) * (len(old.shape) - 1))
+    return ops.where(mask, ops.expand_dims(new, 0), old)
+
+
+class _Probe:
+    """The callback-owned variables the train step writes into, and their layout."""
+
+    def __init__(self, n_vars: int, n_acts: int, ring: int) -> None:
+        self.ring = ring
+        self.n_vars = n_vars
+        self.n_acts = n_acts
+        kw: dict[str, Any] = {"trainable": False}
+        # Optimizer steps seen in this fit; the ring slot of a step is `counter % ring`.
+        self.counter = keras.Variable(0, dtype="int32", name="gradwatch_counter", **kw)
+        # Per slot: the step written there (-1 = never) and whether it was skipped.
+        self.steps = keras.Variable(
+            np.full((ring, 2), -1, np.int32), dtype="int32", name="gradwatch_steps", **kw
+        )
+        self.grads = keras.Variable(
+            np.zeros((ring, max(n_vars, 1), 6), np.float32), name="gradwatch_grads", **kw
+        )
+        self.acts: keras.Variable | None = None
+        self.act_now: keras.Variable | None = None
+        self.act_step: keras.Variable | None = None
+        if n_acts:
+            self.acts = keras.Variable(
+                np.full((ring, n_acts, 3), np.nan, np.float32), name="gradwatch_acts", **kw
+            )
+            # The newest sample of each activation layer and the step it was taken at.
+            self.act_now = keras.Variable(
+                np.zeros((n_acts, 3), np.float32), name="gradwatch_act_now", **kw
+            )
+            self.act_step = keras.Variable(
+                np.full((n_acts,), -1, np.int32), dtype="int32", name="gradwatch_act_step", **kw
+            )
+
+
+class GradWatchCallback(keras.callbacks.Callback):
+    """Watches the gradients (and activations) of the batches ``fit`` trains on.
+
+    Add it to ``fit``; at the end of training it prints a report of what is wrong with
+    the gradient flow (vanishing, exploding or non-finite gradients, dead ReLUs,
+    saturated sigmoid/tanh units) and what to change. ``cb.report`` holds the
+    :class:`gradwatch.Report` of the last ``fit``.
+
+    The statistics are those of the real gradients of each training batch, reduced
+    inside the compiled train step: no batch is recomputed and the model code is not
+    changed. Layer names are Keras variable paths (``"dense_3/kernel"``), grouped
+    into layers (``"dense_3"``).
+
+    Activation statistics cover Dense/Conv layers with an ``activation``, and
+    ``Activation``, ``ReLU``, ``LeakyReLU``, ``PReLU``, ``ELU`` and ``Softmax``
+    layers. Activations applied inside recurrent cells or inside a custom ``call``
+    are not covered; the report lists such layers in its notes.
+
+    Args:
+        rules: the rules to apply. Defaults to :data:`gradwatch.DEFAULT_RULES`.
+        window: steps the analyzer keeps for its rules. Defaults to ``64``.
+        flush_every: read the statistics back to the host every this many batches
+            (one small transfer). Defaults to ``16``.
+        activation_every: sample activation statistics every this many steps; ``0``
+            turns activation monitoring off. Defaults to ``1``.
+        tail_derivative_fraction: a sigmoid/tanh output is in a flat tail when its
+            local derivative is below this fraction of its peak. Defaults to
+            ``gradwatch.activations.DEFAULT_TAIL_DERIVATIVE_FRACTION`` (``0.01``).
+        on_finding: what to do when a finding of severity ``"warning"`` or
+            ``"error"`` opens: ``"warn"`` (a :class:`gradwatch.GradwatchWarning`),
+            ``"raise"`` (raise :class:`gradwatch.FindingError` out of ``fit``),
+            ``"stop"`` (set ``model.stop_training = True``, like
+            ``keras.callbacks.TerminateOnNaN``), ``"ignore"``, or a callable that
+            receives every new :class:`gradwatch.Finding`. Defaults to ``"warn"``.
+        verbose: ``1`` prints the report when training ends, ``0`` stays silent.
+            Defaults to ``1``.
+        strict: re-raise errors inside gradwatch instead of warning once and
+            switching monitoring off. Defaults to ``False``.
+
+    Attributes:
+        report: the :class:`gradwatch.Report` of the last ``fit`` (``None`` before).
+        analyzer: the :class:`gradwatch.Analyzer` of the current or last ``fit``.
+        last_step_stats: the newest :class:`gradwatch.StepStats` read, per variable.
+
+    Raises:
+        ValueError: at construction, naming the bad parameter.
+
+    Example:
+        >>> import numpy as np, keras, gradwatch
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+        ...                           keras.layers.Dense(1)])
+        >>> model.compile(optimizer="sgd", loss="mse")
+        >>> cb = gradwatch.GradWatchCallback(verbose=0)
+        >>> x, y = np.random.rand(64, 4), np.random.rand(64, 1)
+        >>> _ = model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[cb])
+        >>> cb.report.steps_observed
+        8
+    """
+
+    def __init__(
+        self,
+        *,
+        rules: Sequence[Rule] = DEFAULT_RULES,
+        window: int = 64,
+        flush_every: int = 16,
+        activation_every: int = 1,
+        tail_derivative_fraction: float = DEFAULT_TAIL_DERIVATIVE_FRACTION,
+        on_finding: str | Callable[[Finding], Any] = "warn",
+        verbose: int = 1,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_int("flush_every", flush_every, 1)
+        _check_int("activation_every", activation_every, 0)
+        _check_int("window", window, 1)
+        if not (isinstance(on_finding, str) and on_finding in _ON_FINDING_MODES) and not (
+            callable(on_finding) and not isinstance(on_finding, str)
+        ):
+            raise ValueError(
+                f"on_finding must be one of {list(_ON_FINDING_MODES)} or a callable, "
+                f"got {on_finding!r}"
+            )
+        if isinstance(verbose, bool) or verbose not in (0, 1):
+            raise ValueError(f"verbose must be 0 or 1, got {verbose!r}")
+        if not (
+            isinstance(tail_derivative_fraction, (int, float))
+            and 0.0 < float(tail_derivative_fraction) < 1.0
+        ):
+            raise ValueError(
+                f"tail_derivative_fraction must be in (0, 1), got {tail_derivative_fraction!r}"
+            )
+        if not isinstance(strict, bool):
+            raise ValueError(f"strict must be True or False, got {strict!r}")
+        # Let the Analyzer validate rules and window now, not at the start of fit.
+        Analyzer(rules, window=window)
+        self.rules = tuple(rules)
+        self.window = window
+        self.flush_every = flush_every
+        self.activation_every = activation_every
+        self.tail_derivative_fraction = float(tail_derivative_fraction)
+        self.on_finding = on_finding
+        self.verbose = verbose
+        self.strict = strict
+        self.report: Report | None = None
+        self.analyzer: Analyzer | None = None
+        self.last_step_stats: StepStats | None = None
+        self._guard = Guard("gradwatch Keras callback", strict=strict)
+        self._reset()
+
+    # --- state -------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._probe: _Probe | None = None
+        self._patches: list[tuple[Any, str]] = []
+        self._grad_names: tuple[str, ...] = ()
+        self._act_layers: list[keras.layers.Layer] = []
+        self._act_names: tuple[str, ...] = ()
+        self._act_kinds: tuple[str, ...] = ()
+        self._act_is_output: list[bool] = []
+        self._act_last_out: dict[int, Any] = {}
+        self._in_train_step = False
+        self._last_read = -1
+        self._batches_since_flush = 0
+        self._flush_calls = 1
+        self._pending: list[Finding] = []
+
+    @property
+    def enabled(self) -> bool:
+        """False once an internal error switched monitoring off for this ``fit``."""
+        return self._guard.enabled
+
+    # --- Keras hooks ---------------------------------------------------------------------
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.restore()  # a previous fit that raised never reached on_train_end
+        self._reset()
+        self._guard = Guard("gradwatch Keras callback", strict=self.strict)
+        self.report = None
+        self.last_step_stats = None
+        self.analyzer = Analyzer(
+            self.rules, window=self.window, on_finding=self._pending.append, strict=self.strict
+        )
+        with self._guard:
+            self._install()
+        if not self._guard.enabled:
+            self._uninstall()
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._probe is None or not self._guard.enabled:
+            return
+        self._batches_since_flush += 1
+        if self._batches_since_flush < self._flush_calls:
+            return
+        self._batches_since_flush = 0
+        with self._guard:
+            self._flush()
+        self._after_flush()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self._probe is not None and self._guard.enabled:
+            with self._guard:
+                self._flush()
+        self._after_flush(final=True)
+        self.restore()
+        if self.analyzer is None:
+            return
+        if self._guard.error is not None:
+            self.analyzer.add_note(
+                f"Monitoring stopped early after an internal error in the Keras callback: "
+                f"{type(self._guard.error).__name__}: {self._guard.error}"
+            )
+        self.report = self.analyzer.report()
+        if self.verbose:
+            print(_render(self.report))
+
+    def restore(self) -> None:
+        """Undo every patch and make Keras retrace its train function. Safe to call twice;
+        ``on_train_end`` calls it."""
+        self._uninstall()
+
+    # --- installing ----------------------------------------------------------------------
+
+    def _install(self) -> None:
+        model = self.model
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is None:
+            raise ValueError("the model has no optimizer; call model.compile() before fit()")
+        variables = list(model.trainable_variables)
+        layers = _leaf_layers(model)
+        uncovered: list[str] = []
+        if self.activation_every:
+            for layer in layers:
+                kind = _activation_kind(layer)
+                if kind is not None and kind != ActivationKind.OTHER.value:
+                    self._act_layers.append(layer)
+                elif kind == ActivationKind.OTHER.value or isinstance(
+                    layer, _UNCOVERED_ACTIVATION_LAYERS
+                ):
+                    uncovered.append(layer.name)
+        else:
+            self.analyzer_note("Activation monitoring is off (activation_every=0).")
+        self._act_names = tuple(_layer_name(layer) for layer in self._act_layers)
+        self._act_kinds = tuple(_activation_kind(layer) or "other" for layer in self._act_layers)
+        output_layers = _functional_output_layers(model)
+        self._act_is_output = [id(layer) in output_layers for layer in self._act_layers]
+        if uncovered:
+            self.analyzer_note(
+                "Activations not monitored (applied inside recurrent cells, Lambda layers or "
+                f"an unknown function): {', '.join(uncovered)}."
+            )
+        if self.activation_every and not self._act_layers:
+            self.analyzer_note(
+                "No activation layer found. Activations computed inside a custom call() "
+                "(e.g. keras.ops.relu) are not monitored; only activation layers and "
+                "`activation=` arguments are."
+            )
+        spe = int(getattr(model, "steps_per_execution", 1) or 1)
+        # on_train_batch_end runs once per execution of `spe` steps.
+        self._flush_calls = max(1, math.ceil(self.flush_every / spe))
+        ring = self._flush_calls * spe + spe
+        self._probe = _Probe(len(variables), len(self._act_layers), ring)
+
+        self._patch(model, "train_step", self._wrap_train_step(model.train_step))
+        self._patch(model, "call", self._wrap_model_call(model.call))
+        for i, layer in enumerate(self._act_layers):
+            self._patch(layer, "call", self._wrap_layer_call(layer.call, i))
+        self._patch(optimizer, "apply", self._wrap_apply(optimizer.apply, optimizer))
+        # The train function was built (and maybe traced) before on_train_begin: rebuild
+        # it so the next trace goes through the wrappers.
+        model.make_train_function(force=True)
+
+    def analyzer_note(self, note: str) -> None:
+        if self.analyzer is not None:
+            self.analyzer.add_note(note)
+
+    def _patch(self, obj: Any, name: str, fn: Callable[..., Any]) -> None:
+        # Straight into the instance __dict__: bypasses Keras' attribute tracking and
+        # torch.nn.Module.__setattr__, and `pop` restores the class method exactly.
+        if name in vars(obj):
+            raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on the instance")
+        vars(obj)[name] = fn
+        self._patches.append((obj, name))
+
+    def _uninstall(self) -> None:
+        patches, self._patches = self._patches, []
+        for obj, name in reversed(patches):
+            vars(obj).pop(name, None)
+        model = getattr(self, "_model", None)
+        if patches and model is not None:
+            # Drop the traced graph that contains our statistics; fit rebuilds it.
+            model.train_function = None
+            if getattr(model, "make_train_function", None) is not None:
+                model.make_train_function(force=True)
+
+    # --- in-graph wrappers -----------------------------------------------------------------
+
+    def _wrap_train_step(self, train_step: Callable[..., Any]) -> Callable[..., Any]:
+        def train_step_with_gradwatch(*args: Any, **kwargs: Any) -> Any:
+            self._in_train_step = True
+            try:
+                return train_step(*args, **kwargs)
+            finally:
+                self._in_train_step = False
+                self._act_last_out.clear()
+
+        return train_step_with_gradwatch
+
+    def _wrap_model_call(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        def model_call_with_gradwatch(*args: Any, **kwargs: Any) -> Any:
+            outputs = call(*args, **kwargs)
+            if self._in_train_step and self._act_last_out and self._guard.enabled:
+                with self._guard:
+                    flat = {id(t) for t in keras.tree.flatten(outputs)}
+                    for i, y in self._act_last_out.items():
+                        if id(y) in flat:
+                            self._act_is_output[i] = True
+            return outputs
+
+        return model_call_with_gradwatch
+
+    def _wrap_layer_call(self, call: Callable[..., Any], index: int) -> Callable[..., Any]:
+        layer = self._act_layers[index]
+        kind = self._act_kinds[index]
+        axis = _unit_axis(layer)
+
+        def layer_call_with_gradwatch(*args: Any, **kwargs: Any) -> Any:
+            y = call(*args, **kwargs)
+            probe = self._probe
+            if self._in_train_step and probe is not None and self._guard.enabled:
+                with self._guard:
+                    self._act_last_out[index] = y
+                    self._record_activation(probe, index, y, kind, axis)
+            return y
+
+        return layer_call_with_gradwatch
+
+    def _record_activation(self, probe: _Probe, index: int, y: Any, kind: str, axis: int) -> None:
+        assert probe.act_now is not None and probe.act_step is not None
+        act_now, act_step, every = probe.act_now, probe.act_step, self.activation_every
+        frac = self.tail_derivative_fraction
+
+        def write() -> None:
+            row = _activation_row(y, kind, axis, frac)
+            act_now.assign(_one_hot_where(index, probe.n_acts, row, act_now.value))
+            act_step.assign(
+                _one_hot_where(index, probe.n_acts, probe.counter.value, act_step.value)
+            )
+
+        if every == 1:
+            write()
+        else:
+            ops.cond(ops.equal(ops.mod(probe.counter.value, every), 0), write, lambda: None)
+
+    def _wrap_apply(self, apply: Callable[..., Any], optimizer: Any) -> Callable[..., Any]:
+        def apply_with_gradwatch(grads: Any, trainable_variables: Any = None) -> Any:
+            probe = self._probe
+            if probe is not None and self._guard.enabled:
+                with self._guard:
+                    tvs = (
+                        optimizer._trainable_variables
+                        if trainable_variables is None
+                        else trainable_variables
+                    )
+                    self._record_gradients(probe, optimizer, list(grads), list(tvs))
+            return apply(grads, trainable_variables)
+
+        return apply_with_gradwatch
+
+    def _record_gradients(
+        self, probe: _Probe, optimizer: Any, grads: list[Any], variables: list[Any]
+    ) -> None:
+        # Unscale as the optimizer will: LossScaleOptimizer's dynamic scale, or a fixed
+        # loss_scale_factor. Read before `apply`, which may change the dynamic scale.
+        scale = getattr(optimizer, "dynamic_scale", None)
+        if scale is None:
+            scale = getattr(optimizer, "loss_scale_factor", None)
+        dynamic = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        rows: list[Any] = []
+        names: list[str] = []
+        for g, v in zip(grads, variables, strict=True):
+            if g is None:
+                continue  # a variable the loss does not depend on: no gradient to judge
+            if scale is not None:
+                g = ops.divide(ops.cast(g, "float32"), ops.cast(scale, "float32"))
+            rows.append(_grad_row(g))
+            names.append(_var_name(v))
+        if len(rows) > probe.n_vars:
+            raise RuntimeError(
+                f"the optimizer applies {len(rows)} gradients but the model listed "
+                f"{probe.n_vars} trainable variables at the start of fit"
+            )
+        self._grad_names = tuple(names)
+        # Rows in call order (model order), zero-padded to the probe's fixed shape.
+        rows += [ops.zeros((6,), "float32")] * (probe.n_vars - len(rows))
+        table = ops.stack(rows)
+        step = probe.counter.value
+        slot = ops.mod(step, probe.ring)
+        if dynamic and rows:
+            skipped = ops.cast(ops.greater(ops.sum(table[:, _NONFINITE]), 0.0), "int32")
+        else:
+            skipped = ops.convert_to_tensor(0, "int32")
+        probe.grads.assign(_one_hot_where(slot, probe.ring, table, probe.grads.value))
+        probe.steps.assign(
+            _one_hot_where(slot, probe.ring, ops.stack([step, skipped]), probe.steps.value)
+        )
+        if probe.acts is not None and probe.act_now is not None and probe.act_step is not None:
+            fresh = ops.expand_dims(ops.equal(probe.act_step.value, step), -1)
+            act_row = ops.where(fresh, probe.act_now.value, math.nan)
+            probe.acts.assign(_one_hot_where(slot, probe.ring, act_row, probe.acts.value))
+        probe.counter.assign(step + 1)
+
+    # --- host side ---------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        probe, analyzer = self._probe, self.analyzer
+        if probe is None or analyzer is None:
+            return
+        steps = np.asarray(ops.convert_to_numpy(probe.steps.value))
+        fresh = np.flatnonzero(steps[:, 0] > self._last_read)
+        if fresh.size == 0:
+            return
+        fresh = fresh[np.argsort(steps[fresh, 0])]
+        grads = np.asarray(ops.convert_to_numpy(probe.grads.value), dtype=np.float64)
+        acts = (
+            np.asarray(ops.convert_to_numpy(probe.acts.value), dtype=np.float64)
+            if probe.acts is not None
+            else None
+        )
+        first = int(steps[fresh[0], 0])
+        if first != self._last_read + 1:
+            analyzer.add_note(
+                f"Steps {self._last_read + 1}..{first - 1} were not read in time; lower "
+                f"flush_every (now {self.flush_every})."
+            )
+        self._last_read = int(steps[fresh[-1], 0])
+        n = len(self._grad_names)
+        batch = []
+        for slot in fresh:
+            batch.append(self._step_stats(int(steps[slot, 0]), bool(steps[slot, 1]),
+                                          grads[slot, :n], None if acts is None else acts[slot]))
+        self.last_step_stats = batch[-1]
+        analyzer.observe_stats(batch)
+
+    def _step_stats(
+        self, step: int, skipped: bool, g: np.ndarray, a: np.ndarray | None
+    ) -> StepStats:
+        if skipped:
+            return StepStats(step=step, skipped_step=True)
+        act_fields: dict[str, Any] = {}
+        if a is not None:
+            seen = np.flatnonzero(~np.isnan(a).any(axis=1))
+            if seen.size:
+                act_fields = {
+                    "act_layers": tuple(self._act_names[i] for i in seen),
+                    "act_kinds": tuple(self._act_kinds[i] for i in seen),
+                    "act_inactive_frac": tuple(float(v) for v in a[seen, 0]),
+                    "act_dead_frac": tuple(float(v) for v in a[seen, 1]),
+                    "act_tail_frac": tuple(float(v) for v in a[seen, 2]),
+                    "act_is_output": tuple(bool(self._act_is_output[i]) for i in seen),
+                }
+        return StepStats(
+            step=step,
+            grad_layers=self._grad_names,
+            grad_norm=tuple(float(v) for v in g[:, _NORM]),
+            grad_max_abs=tuple(float(v) for v in g[:, _MAX_ABS]),
+            grad_mean_abs=tuple(float(v) for v in g[:, _MEAN_ABS]),
+            grad_zero_frac=tuple(float(v) for v in g[:, _ZERO_FRAC]),
+            grad_nonfinite=tuple(round(v) for v in g[:, _NONFINITE]),
+            grad_numel=tuple(round(v) for v in g[:, _NUMEL]),
+            **act_fields,
+        )
+
+    def _after_flush(self, final: bool = False) -> None:
+        pending, self._pending[:] = list(self._pending), []
+        for finding in pending:
+            self._dispatch(finding, final)
+
+    def _dispatch(self, finding: Finding, final: bool) -> None:
+        mode = self.on_finding
+        if callable(mode):
+            mode(finding)
+            return
+        serious = SEVERITY_RANK[finding.severity] >= SEVERITY_RANK["warning"]
+        if mode == "ignore" or not serious:
+            return
+        text = f"gradwatch {finding.rule} (step {finding.first_step}): {finding.message}"
+        if mode == "raise" and not final:
+            self.restore()
+            raise FindingError(finding)
+        if mode == "stop" and not final:
+            self.model.stop_training = True
+            text += " Stopping training (on_finding='stop')."
+        warnings.warn(text, GradwatchWarning, stacklevel=2)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _layer_name(layer: keras.layers.Layer) -> str:
+    # Same naming as the variables (`sequential/dense`), so activations and gradients match.
+    return str(getattr(layer, "path", None) or layer.name)
+
+
+def _var_name(variable: Any) -> str:
+    return str(getattr(variable, "path", None) or getattr(variable, "name", "variable"))
+
+
+def _leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Every layer inside ``model``, depth first in model order, without the containers."""
+    flatten = getattr(model, "_flatten_layers", None)
+    if flatten is not None:
+        layers = list(flatten(include_self=False, recursive=True))
+    else:  # pragma: no cover - every Keras 3 layer has _flatten_layers
+        layers = list(model.layers)
+    return [layer for layer in layers if not isinstance(layer, keras.Model)]
+
+
+def _functional_output_layers(model: keras.Model) -> set[int]:
+    """ids of the layers producing a Functional/Sequential model's outputs."""
+    found: set[int] = set()
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):
+        return found
+    for tensor in keras.tree.flatten(outputs or []):
+        history = getattr(tensor, "_keras_history", None)
+        operation = getattr(history, "operation", None)
+        if operation is not None:
+            found.add(id(operation))
+    return found
+
+
+def _render(report: Report) -> str:
+    try:
+        return report.render(width=80)
+    except Exception:  # the renderer is optional for the callback: never lose the report
+        lines = [f"gradwatch: {report.steps_observed} steps observed"]
+        if report.healthy:
+            lines.append("  gradient flow looks healthy")
+        for f in report.findings:
+            lines.append(f"  [{f.severity}] {f.rule}: {f.message}")
+            lines.extend(f"      fix: {fix.text}" for fix in f.fixes[:2])
+        lines.extend(f"  note: {note}" for note in report.notes)
+        return "\n".join(lines)
