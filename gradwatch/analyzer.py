@@ -69,6 +69,8 @@ class Analyzer:
             Defaults to ``None``.
         strict: re-raise errors inside gradwatch instead of reporting them once and
             switching monitoring off. Defaults to ``False``.
+        check_every: run the rules every this many steps; statistics are still kept
+            for every step and persistence is counted in steps. Defaults to ``1``.
 
     Raises:
         ValueError: at construction, for a bad window, unknown or duplicate rule ids.
@@ -83,9 +85,12 @@ class Analyzer:
         group_by: Callable[[str], str] = module_of,
         on_finding: Callable[[Finding], None] | None = None,
         strict: bool = False,
+        check_every: int = 1,
     ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
         rules = resolve_rules(rules)
         ids = [r.id for r in rules]
         for rule in rules:
@@ -100,6 +105,8 @@ class Analyzer:
             raise ValueError(f"rules has duplicate rule ids: {dupes}")
         self.rules = rules
         self.window = window
+        self.check_every = check_every
+        self._since_check = 0
         self.group_by = group_by
         self.on_finding = on_finding
         self.guard = Guard("gradwatch analyzer", strict=strict)
@@ -241,14 +248,18 @@ class Analyzer:
         return float(np.median(self._baseline)) if len(self._baseline) >= 5 else None
 
     def _judge(self, step: int) -> None:
+        self._since_check += 1
+        if len(self._baseline) < _BASELINE_STEPS and self._n_steps > 10:
+            total = float(self._run.view(last=1)["total_norm"][-1, 0])
+            if math.isfinite(total):
+                self._baseline.append(total)
+        if self._since_check < self.check_every:
+            return
+        new_steps, self._since_check = self._since_check, 0
         warm = [r for r in self.rules if self._n_steps > r.warmup_steps]
         if not warm:
             return
         run = self._run.view()
-        if len(self._baseline) < _BASELINE_STEPS and self._n_steps > 10:
-            total = float(run["total_norm"][-1, 0])
-            if math.isfinite(total):
-                self._baseline.append(total)
         grads = self._grads.view()
         acts = self._acts.view()
         kinds = tuple(self._act_kind[c] for c in acts.columns)
@@ -267,6 +278,7 @@ class Analyzer:
                 active=episode.active,
                 baseline_total_norm=baseline,
                 hidden_kinds=hidden,
+                new_steps=new_steps,
             )
             self._track(rule, episode, step, rule.check(ctx))
 
@@ -276,9 +288,9 @@ class Analyzer:
             ep.active = False
             return
         if ep.streak == 0:
-            ep.streak_start = step
+            ep.streak_start = step if symptom.since is None else min(step, symptom.since)
         ep.streak += 1
-        if not ep.active and ep.streak < rule.persistence:
+        if not ep.active and step - ep.streak_start + 1 < rule.persistence:
             return
         newly_opened = ep.finding is None
         ep.active = True

@@ -29,6 +29,8 @@ class Symptom:
     message: str
     evidence: dict[str, float]
     fixes: tuple[Fix, ...]
+    # The step the symptom began, when the rule can tell (default: the check's step).
+    since: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class RuleContext:
         baseline_total_norm: median total gradient norm of the first checked steps,
             or ``None`` before there is one.
         hidden_kinds: the activation kinds seen on non-output layers so far.
+        new_steps: steps observed since the previous check (``check_every`` apart).
     """
 
     step: int
@@ -59,6 +62,7 @@ class RuleContext:
     active: bool
     baseline_total_norm: float | None
     hidden_kinds: frozenset[str]
+    new_steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class Rule:
 
     Args:
         window: how many of the newest steps the rule summarises. Defaults to ``20``.
-        persistence: consecutive checked steps a symptom must hold before a finding
+        persistence: steps a symptom must hold, at every check, before a finding
             opens. Defaults to ``10``.
         warmup_steps: steps ignored at the start of a run, when statistics of any
             network are in flux. Defaults to ``10``.
@@ -101,13 +105,20 @@ class Rule:
 
 
 def window_median(values: np.ndarray) -> np.ndarray:
-    """Per-column median over rows, ignoring NaN (absent) entries; all-absent is NaN."""
+    """Per-column median over rows, ignoring NaN (absent) entries; all-absent is NaN.
+
+    ``np.nanmedian`` goes through masked arrays and costs ~0.6 ms per call on small
+    windows; sorting once (NaN sorts last) and indexing is ~20x cheaper.
+    """
+    cols = values.shape[1] if values.ndim == 2 else 0
+    out = np.full(cols, np.nan)
     if values.size == 0:
-        return np.full(values.shape[1] if values.ndim == 2 else 0, np.nan)
-    out = np.full(values.shape[1], np.nan)
-    present = ~np.all(np.isnan(values), axis=0)
-    if present.any():
-        out[present] = np.nanmedian(values[:, present], axis=0)
+        return out
+    ordered = np.sort(values, axis=0)
+    count = np.count_nonzero(~np.isnan(values), axis=0)
+    ok = np.flatnonzero(count > 0)
+    lo, hi = (count[ok] - 1) // 2, count[ok] // 2
+    out[ok] = 0.5 * (ordered[lo, ok] + ordered[hi, ok])
     return out
 
 

@@ -50,8 +50,12 @@ class NonfiniteGradient(Rule):
         if view.n_steps == 0:
             return None
         rows = slice(max(0, view.n_steps - self.window), None)
-        nonfinite = view["nonfinite"][-1]
-        bad = np.flatnonzero(np.nan_to_num(nonfinite) > 0)
+        # Every step since the previous check, not only the newest one.
+        fresh = view.steps > ctx.step - ctx.new_steps
+        recent = np.nan_to_num(view["nonfinite"][fresh])
+        nonfinite = recent.sum(axis=0)
+        bad = np.flatnonzero(nonfinite > 0)
+        since = int(view.steps[fresh][np.flatnonzero(recent.sum(axis=1))[0]]) if bad.size else None
         skipped = ctx.run["skipped"][rows, 0]
         n_skipped = int(np.nansum(skipped))
         skip_rate = n_skipped / max(1, skipped.size)
@@ -67,7 +71,7 @@ class NonfiniteGradient(Rule):
             baseline is not None and baseline > 0 and last_finite > self.explosion_factor * baseline
         )
         evidence = {
-            "nonfinite_entries": float(np.nansum(nonfinite)),
+            "nonfinite_entries": float(nonfinite.sum()),
             "layers_nonfinite": float(bad.size),
             "skipped_steps_in_window": float(n_skipped),
             "skipped_step_rate": skip_rate,
@@ -87,4 +91,4 @@ class NonfiniteGradient(Rule):
             ranked = fixes("gradient_clipping", "lower_learning_rate", "stable_loss")
         else:
             ranked = fixes("stable_loss", "lower_learning_rate", "gradient_clipping")
-        return Symptom(layers, "error", message, evidence, ranked)
+        return Symptom(layers, "error", message, evidence, ranked, since=since)
