@@ -1,0 +1,855 @@
+"""PyTorch adapter: ``gradwatch.watch(model, optimizer)`` and nothing else changes.
+
+It turns gradients and activation outputs into :class:`gradwatch.StepStats` and hands
+them to a :class:`gradwatch.Analyzer`. The per-step path stays on the device: fused
+multi-tensor reductions, no ``.item()``, no Python branch on a tensor value; results
+are copied to the host in one transfer every ``flush_every`` steps.
+
+What one "step" is:
+
+* with an ``optimizer``: one real ``optimizer.step()`` (a step pre-hook), so gradient
+  accumulation is finished and a ``torch.amp.GradScaler`` has unscaled the gradients.
+  A step the scaler skips because of Inf/NaN never calls ``optimizer.step()``; it is
+  noticed when the next backward pass starts on gradients that were discarded
+  (``zero_grad()``, set to ``None``) without an optimizer step, and recorded as
+  ``StepStats(skipped_step=True)``;
+* without one: one finished backward pass, or each :meth:`TorchWatch.step` call once
+  the loop starts marking steps by hand.
+
+Example:
+    >>> import torch, gradwatch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> with gradwatch.watch(model, opt, show=False) as gw:
+    ...     for _ in range(3):
+    ...         model(torch.randn(16, 4)).pow(2).mean().backward()
+    ...         opt.step()
+    ...         opt.zero_grad()
+    >>> gw.report(show=False).steps_observed
+    3
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradwatch.activations import CAN_DIE, CAN_SATURATE, SQUASHING, kind_from_name, tail_bounds
+from gradwatch.analyzer import Analyzer
+from gradwatch.findings import Finding
+from gradwatch.guard import FindingError, GradwatchWarning, Guard
+from gradwatch.report import Report
+from gradwatch.rules import DEFAULT_RULES, Rule
+from gradwatch.stats import StepStats
+
+Schedule = Callable[[int], bool]
+
+# Wrapper prefixes that are not part of the user's layer names: DDP adds "module.",
+# torch.compile's OptimizedModule adds "_orig_mod.".
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Activation classes whose output is not in the activation's own range (log-probabilities).
+_NOT_OBSERVED = frozenset({"LogSoftmax", "LogSigmoid", "Softmin"})
+# Instance attributes through which modules call a functional activation
+# (nn.TransformerEncoderLayer.activation is F.relu by default).
+_FUNCTIONAL_ATTRS = ("activation", "act", "act_fn", "activation_fn")
+_ON_FINDING_MODES = ("warn", "raise", "ignore")
+# Rows of the per-step gradient tensor (see grad_stats_on_device).
+_GRAD_ROWS = 5
+_ACT_ROWS = 3
+
+
+# --- schedules ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class every:  # noqa: N801 - reads as a function: every(10, dense_until=50)
+    """Schedule ``step -> bool``: every step below ``dense_until``, then every ``k``-th.
+
+    Args:
+        k: period after the dense phase. Must be ``>= 1``.
+        dense_until: steps at the start that are all sampled. Defaults to ``0``.
+
+    Example:
+        >>> s = every(10, dense_until=3)
+        >>> [i for i in range(25) if s(i)]
+        [0, 1, 2, 10, 20]
+    """
+
+    k: int
+    dense_until: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"every(k=...) must be an integer >= 1, got {self.k!r}")
+        if isinstance(self.dense_until, bool) or not isinstance(self.dense_until, int):
+            raise ValueError(f"every(dense_until=...) must be an integer, got {self.dense_until!r}")
+
+    def __call__(self, step: int) -> bool:
+        return step < self.dense_until or step % self.k == 0
+
+
+# Dense for the first 50 steps so every rule (warm-up 10 + persistence 10, see
+# gradwatch/rules/base.py) can fire within 50 steps, then 1 step in 10: measured at
+# <= 1.03x step time on benchmarks/overhead.py (12x512 ReLU MLP, CPU).
+DEFAULT_GRAD_SCHEDULE: Schedule = every(10, dense_until=50)
+DEFAULT_ACTIVATION_SCHEDULE: Schedule = every(10, dense_until=50)
+
+
+# --- device-side reductions -----------------------------------------------------------
+
+
+def grad_stats_on_device(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Gradient statistics of dense tensors sharing one device and dtype, on that device.
+
+    Returns a ``(5, len(grads))`` float32 tensor with rows: L2 norm, max |g|, sum |g|,
+    number of non-zero entries, and a flag that is 1 when the tensor holds any NaN/Inf.
+    Nothing is copied to the host. The L2 norm is one fused ``torch._foreach_norm``.
+
+    With non-finite entries the norm, max and sum are Inf/NaN (the analyzer treats such
+    a norm as unknown) and the flag is 1, a lower bound of the count: an exact count
+    would cost one more pass over every gradient on every step.
+
+    Example:
+        >>> grad_stats_on_device([torch.tensor([3.0, -4.0, 0.0])])[:, 0].tolist()
+        [5.0, 4.0, 7.0, 2.0, 0.0]
+    """
+    with torch.no_grad():
+        norms = torch.stack(torch._foreach_norm(list(grads))).float()
+        extremes = [torch.aminmax(g) for g in grads]
+        max_abs = torch.maximum(
+            torch.stack([e.max for e in extremes]).float().abs(),
+            torch.stack([e.min for e in extremes]).float().abs(),
+        )
+        abs_sum = torch.stack([g.abs().sum(dtype=torch.float32) for g in grads])
+        nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).float()
+        # max |g| cannot overflow, so it is non-finite exactly when an entry is.
+        nonfinite = (~torch.isfinite(max_abs)).float()
+        return torch.stack([norms, max_abs, abs_sum, nonzero, nonfinite])
+
+
+def unit_axis_of(output: torch.Tensor) -> int:
+    """The feature/channel axis of an activation output: ``1`` for NCHW/NCDHW conv
+    maps (4-D, 5-D), else the last axis (``(N, C)``, transformer ``(N, L, E)``).
+
+    >>> unit_axis_of(torch.zeros(2, 3, 4, 4)), unit_axis_of(torch.zeros(2, 5))
+    (1, -1)
+    """
+    return 1 if output.dim() >= 4 else -1
+
+
+def activation_stats_on_device(
+    output: torch.Tensor, kind: str, unit_axis: int, bounds: tuple[float, float]
+) -> torch.Tensor:
+    """``(inactive_frac, dead_frac, tail_frac)`` of one activation output, on its device.
+
+    Same definitions as :func:`gradwatch.activations.activation_stats_from_array` (its
+    host reference): a unit is dead when it is ``<= 0`` for every sample of the batch.
+
+    Example:
+        >>> y = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
+        >>> activation_stats_on_device(y, "relu", -1, (-float("inf"), float("inf"))).tolist()
+        [0.5, 0.5, 0.0]
+    """
+    with torch.no_grad():
+        y = output.detach()
+        n = max(1, y.numel())
+        zero = torch.zeros((), device=y.device, dtype=torch.float32)
+        if kind in SQUASHING:
+            inactive = zero  # tanh is negative half the time: "inactive" means nothing there
+        elif kind in CAN_DIE:
+            # ReLU/ReLU6 outputs are >= 0, so "<= 0" is "== 0": count_nonzero is the fast path.
+            inactive = 1.0 - torch.count_nonzero(y).float() / n
+        else:
+            inactive = (y <= 0).sum().float() / n
+        if kind in CAN_DIE:
+            if y.dim() <= 1:
+                dead = inactive
+            else:
+                axis = unit_axis % y.dim()
+                dims = tuple(d for d in range(y.dim()) if d != axis)
+                # Outputs are >= 0, so a unit's sum over the batch is 0 iff it never fired.
+                dead = (y.sum(dim=dims, dtype=torch.float32) <= 0).float().mean()
+        else:
+            dead = zero
+        if kind in CAN_SATURATE:
+            lo, hi = bounds
+            tail = ((y <= lo) | (y >= hi)).sum().float() / n
+        else:
+            tail = zero
+        return torch.stack([inactive.float(), dead.float(), tail.float()])
+
+
+def strip_wrapper_prefixes(name: str) -> str:
+    """Layer names as the user wrote them: drop DDP's ``module.`` and torch.compile's
+    ``_orig_mod.`` wrappers.
+
+    >>> strip_wrapper_prefixes("module._orig_mod.enc.fc1.weight")
+    'enc.fc1.weight'
+    """
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+    return name.replace("._orig_mod.", ".")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+            continue
+        return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "_orig_mod", None), nn.Module) or (
+        getattr(model, "_compiled_call_impl", None) is not None
+    )
+
+
+def _is_rank_zero() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+# --- bookkeeping records --------------------------------------------------------------
+
+
+@dataclass
+class _GradGroup:
+    """Parameters whose gradients are reduced together (one device and dtype)."""
+
+    indices: list[int]
+    device: torch.device
+
+
+@dataclass
+class _PendingStep:
+    """One step's device results, waiting for the next flush."""
+
+    step: int
+    skipped: bool = False
+    grad_indices: list[int] = field(default_factory=list)
+    grad_parts: list[torch.Tensor] = field(default_factory=list)
+    sparse_numel: dict[int, int] = field(default_factory=dict)
+    act_names: list[str] = field(default_factory=list)
+    act_kinds: list[str] = field(default_factory=list)
+    act_parts: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _ActivationSite:
+    name: str
+    kind: str
+    bounds: tuple[float, float]
+
+
+class _FunctionalProbe:
+    """Stands in for a functional activation attribute (``layer.activation = F.relu``)
+    while watched; calls the original and reports its output. Pickles as the original."""
+
+    def __init__(self, fn: Callable[..., Any], report: Callable[[Any], None]) -> None:
+        self.fn = fn
+        self.report = report
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.fn(*args, **kwargs)
+        self.report(out)
+        return out
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_identity, (self.fn,))
+
+
+def _identity(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return fn
+
+
+# One live watch per model, so watching twice can replace the first (weak: never leaks).
+_LIVE_WATCHES: weakref.WeakKeyDictionary[nn.Module, weakref.ref[TorchWatch]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+# --- the watch ------------------------------------------------------------------------
+
+
+class TorchWatch:
+    """Monitors one PyTorch model's gradient flow. Create it with :func:`watch`.
+
+    Attributes:
+        analyzer: the :class:`gradwatch.Analyzer` receiving the statistics.
+        step_count: steps seen so far (sampled or not, skipped ones included).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        on_finding: str | Callable[[Finding], None] = "warn",
+        grad_schedule: Schedule = DEFAULT_GRAD_SCHEDULE,
+        activations: bool = True,
+        activation_schedule: Schedule = DEFAULT_ACTIVATION_SCHEDULE,
+        flush_every: int = 20,
+        rules: Sequence[Rule] = DEFAULT_RULES,
+        strict: bool = False,
+        show: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+            )
+        if not (callable(on_finding) or on_finding in _ON_FINDING_MODES):
+            raise ValueError(
+                f"on_finding must be one of {list(_ON_FINDING_MODES)} or a callable, "
+                f"got {on_finding!r}"
+            )
+        for label, schedule in (
+            ("grad_schedule", grad_schedule),
+            ("activation_schedule", activation_schedule),
+        ):
+            if not callable(schedule):
+                raise ValueError(f"{label} must be a callable step -> bool, got {schedule!r}")
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}")
+        self._on_finding = on_finding
+        self._grad_schedule = grad_schedule
+        self._activation_schedule = activation_schedule
+        self._flush_every = flush_every
+        self._show = show
+        self._rank_zero = _is_rank_zero()
+        self._warned_rules: set[str] = set()
+        self.guard = Guard("gradwatch torch adapter", strict=strict)
+        self.analyzer = Analyzer(rules, on_finding=self._handle_finding, strict=strict)
+        self.step_count = 0
+        self._closed = False
+        self._manual = False
+        self._has_optimizer = optimizer is not None
+        self._handles: list[Any] = []
+        self._probes: list[tuple[nn.Module, str, Callable[..., Any]]] = []
+        self._pending: list[_PendingStep] = []
+        self._root = _unwrap(model)
+        self._model_ref = weakref.ref(model)
+        named = [(strip_wrapper_prefixes(n), p) for n, p in self._root.named_parameters()]
+        self._names = [n for n, _ in named]
+        self._params: list[torch.Tensor] = [p for _, p in named]
+        self._hooked: set[int] = set()
+        self._groups_key: tuple[tuple[Any, ...], ...] | None = None
+        self._groups: list[_GradGroup] = []
+        self._in_backward = False
+        self._backwards_since_step = 0
+        self._act_sampling = False
+        self._activations = activations
+        self._step_acts: dict[str, tuple[str, torch.Tensor]] = {}
+        self._fwd_calls: dict[str, int] = {}
+        self._fwd_last: tuple[int, str] | None = None
+        self._output_acts: set[str] = set()
+
+        previous = _LIVE_WATCHES.get(model)
+        old = previous() if previous is not None else None
+        if old is not None and not old.closed:
+            warnings.warn(
+                "this model is already watched by gradwatch; the earlier watch is closed "
+                "and replaced by this one",
+                GradwatchWarning,
+                stacklevel=3,
+            )
+            old.close()
+        _LIVE_WATCHES[model] = weakref.ref(self)
+
+        self._hook_params()
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._weak(_on_optimizer_step)))
+        if activations and _is_compiled(model):
+            self._activations = False
+            self.analyzer.add_note(
+                "Activations are not captured on a torch.compile'd model (hooks would break "
+                "its graph); dead_relu and saturation judge gradients only."
+            )
+        elif activations:
+            self._hook_activations()
+        self._act_sampling = self._activations and bool(self._activation_schedule(0))
+
+    # --- public ----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    @property
+    def enabled(self) -> bool:
+        """False once closed or once an internal error switched monitoring off."""
+        return not self._closed and self.guard.enabled and self.analyzer.enabled
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Findings so far (flushes pending statistics first), most severe first."""
+        self.flush()
+        return self.analyzer.findings
+
+    def step(self) -> None:
+        """Mark the end of a training step by hand (for loops without an optimizer).
+
+        From the first call on, backward passes no longer count as steps by themselves.
+        """
+        if not self.enabled:
+            return
+        with self.guard:
+            self._manual = True
+            self._end_step()
+
+    def flush(self) -> None:
+        """Copy pending device statistics to the host (one transfer) and analyze them."""
+        if self._closed or not self.guard.enabled:
+            return
+        with self.guard:
+            self._flush()
+
+    def report(self, show: bool | None = None) -> Report:
+        """Flush, print the console report (rank 0 only) and return the :class:`Report`.
+
+        Args:
+            show: print it. Defaults to the ``show`` given to :func:`watch` (``True``).
+        """
+        self.flush()
+        report = self.analyzer.report()
+        if (self._show if show is None else show) and self._rank_zero:
+            _print_report(report)
+        return report
+
+    def close(self) -> None:
+        """Flush, then remove every hook and restore functional activations. Idempotent."""
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, attr, original in self._probes:
+            module.__dict__[attr] = original
+        self._probes.clear()
+        self._pending.clear()
+        self._step_acts.clear()
+        self._params = []
+        self._groups = []
+        model = self._model_ref()
+        if model is not None:
+            current = _LIVE_WATCHES.get(model)
+            if current is not None and current() is self:
+                del _LIVE_WATCHES[model]
+
+    def __enter__(self) -> TorchWatch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.report()
+        finally:
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("on" if self.enabled else "off")
+        return f"TorchWatch({len(self._names)} parameters, step {self.step_count}, {state})"
+
+    # --- hook registration -----------------------------------------------------------
+
+    def _weak(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """A hook that calls ``fn(watch, *args)`` without keeping the watch alive."""
+        ref = weakref.ref(self)
+
+        def hook(*args: Any) -> Any:
+            watch = ref()
+            if watch is None or not watch.enabled:
+                return None
+            return fn(watch, *args)
+
+        return hook
+
+    def _hook_params(self) -> None:
+        for index, param in enumerate(self._params):
+            if index in self._hooked or not param.requires_grad:
+                continue
+            self._hooked.add(index)
+            self._handles.append(param.register_hook(self._weak(_on_grad_ready)))
+
+    def _hook_activations(self) -> None:
+        sites = 0
+        root = self._root
+        for raw_name, module in root.named_modules():
+            name = strip_wrapper_prefixes(raw_name) or type(module).__name__.lower()
+            cls = type(module).__name__
+            kind = kind_from_name(cls)
+            if kind != "other" and cls not in _NOT_OBSERVED and not any(module.children()):
+                site = _ActivationSite(name, kind, tail_bounds(kind))
+                self._handles.append(
+                    module.register_forward_hook(self._weak(_module_hook_for(site)))
+                )
+                sites += 1
+            for attr in _FUNCTIONAL_ATTRS:
+                fn = module.__dict__.get(attr)
+                if fn is None or isinstance(fn, nn.Module) or not callable(fn):
+                    continue
+                fn_kind = kind_from_name(getattr(fn, "__name__", ""))
+                if fn_kind == "other" or isinstance(fn, _FunctionalProbe):
+                    continue
+                site = _ActivationSite(f"{name}.{attr}", fn_kind, tail_bounds(fn_kind))
+                module.__dict__[attr] = _FunctionalProbe(fn, self._weak(_functional_hook_for(site)))
+                self._probes.append((module, attr, fn))
+                sites += 1
+        if sites == 0:
+            self.analyzer.add_note(
+                "No activation modules found (functional calls such as F.relu inside "
+                "forward() are invisible without tracing); dead_relu falls back to "
+                "gradient zeros and saturation is not checked."
+            )
+            self._activations = False
+            return
+        self._handles.append(root.register_forward_pre_hook(self._weak(_on_root_forward_pre)))
+        self._handles.append(root.register_forward_hook(self._weak(_on_root_forward)))
+
+    # --- per-step path (no host sync here) -------------------------------------------
+
+    def _begin_backward(self) -> None:
+        self._in_backward = True
+        if (
+            self._has_optimizer
+            and self._backwards_since_step > 0
+            and all(self._params[i].grad is None for i in self._hooked)
+        ):
+            # Gradients were discarded without optimizer.step(): GradScaler skipped the step.
+            self._pending.append(_PendingStep(step=self.step_count, skipped=True))
+            self._backwards_since_step = 0
+            self._advance()
+        torch.autograd.Variable._execution_engine.queue_callback(self._weak(_on_backward_end))
+
+    def _end_backward(self) -> None:
+        self._in_backward = False
+        self._backwards_since_step += 1
+        if not self._has_optimizer and not self._manual:
+            self._end_step()
+
+    def _end_step(self) -> None:
+        self._backwards_since_step = 0
+        pending = _PendingStep(step=self.step_count)
+        if self._grad_schedule(self.step_count):
+            self._reduce_grads(pending)
+        if self._step_acts:
+            for name, (kind, stats) in self._step_acts.items():
+                pending.act_names.append(name)
+                pending.act_kinds.append(kind)
+                pending.act_parts.append(stats)
+            self._step_acts = {}
+        if pending.grad_parts or pending.act_parts:
+            self._pending.append(pending)
+        self._advance()
+
+    def _advance(self) -> None:
+        self.step_count += 1
+        self._act_sampling = self._activations and bool(
+            self._activation_schedule(self.step_count)
+        )
+        if self.step_count % self._flush_every == 0:
+            self._flush()
+
+    def _reduce_grads(self, pending: _PendingStep) -> None:
+        params = self._params
+        live = [
+            (i, p.grad)
+            for i, p in enumerate(params)
+            if p.requires_grad and p.grad is not None and p.grad.numel() > 0
+        ]
+        if not live:
+            return
+        key = tuple((i, g.device, g.dtype, g.is_sparse) for i, g in live if g is not None)
+        if key != self._groups_key:
+            self._groups = _group_params(live)
+            self._groups_key = key
+        grads = dict(live)
+        for group in self._groups:
+            tensors = [grads[i] for i in group.indices]
+            pending.grad_indices.extend(group.indices)
+            pending.grad_parts.append(grad_stats_on_device([t for t in tensors if t is not None]))
+        for i, g in live:
+            if g is not None and g.is_sparse:
+                pending.sparse_numel[i] = g.numel()
+
+    def _on_activation(self, site: _ActivationSite, module_training: bool, output: Any) -> None:
+        if not (self._act_sampling and module_training and torch.is_grad_enabled()):
+            return
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return
+        if output.numel() == 0:
+            return
+        calls = self._fwd_calls.get(site.name, 0)
+        self._fwd_calls[site.name] = calls + 1
+        name = site.name if calls == 0 else f"{site.name}#{calls}"
+        self._fwd_last = (id(output), name)
+        if name in self._step_acts:
+            return  # a later micro-batch of an accumulated step: the first one is the sample
+        stats = activation_stats_on_device(output, site.kind, unit_axis_of(output), site.bounds)
+        self._step_acts[name] = (site.kind, stats)
+
+    def _on_root_output(self, output: Any) -> None:
+        last = self._fwd_last
+        if last is None:
+            return
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        if any(isinstance(o, torch.Tensor) and id(o) == last[0] for o in outputs):
+            self._output_acts.add(last[1])
+
+    # --- flush (the one host transfer) -----------------------------------------------
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for record in pending:
+            for t in (*record.grad_parts, *record.act_parts):
+                by_device.setdefault(t.device, []).append(t.reshape(-1))
+        host: dict[torch.device, Iterator[np.ndarray]] = {}
+        for device, parts in by_device.items():
+            flat = torch.cat(parts).to("cpu").numpy().astype(np.float64)
+            sizes = np.cumsum([p.numel() for p in parts])[:-1]
+            host[device] = iter(np.split(flat, sizes))
+        stats = [self._to_step_stats(record, host) for record in pending]
+        self.analyzer.observe_stats(stats)
+
+    def _to_step_stats(
+        self, record: _PendingStep, host: dict[torch.device, Iterator[np.ndarray]]
+    ) -> StepStats:
+        if record.skipped:
+            return StepStats(step=record.step, skipped_step=True)
+        grad_cols = [
+            next(host[t.device]).reshape(_GRAD_ROWS, -1) for t in record.grad_parts
+        ]
+        grad_fields: dict[str, Any] = {}
+        if grad_cols:
+            values = np.concatenate(grad_cols, axis=1)
+            order = np.argsort(record.grad_indices, kind="stable")
+            indices = [record.grad_indices[j] for j in order]
+            values = values[:, order]
+            numel = np.array(
+                [record.sparse_numel.get(i, self._param_numel(i)) for i in indices],
+                dtype=np.float64,
+            )
+            safe = np.maximum(numel, 1.0)
+            grad_fields = dict(
+                grad_layers=tuple(self._names[i] for i in indices),
+                grad_norm=tuple(values[0].tolist()),
+                grad_max_abs=tuple(values[1].tolist()),
+                grad_mean_abs=tuple((values[2] / safe).tolist()),
+                grad_zero_frac=tuple(np.clip(1.0 - values[3] / safe, 0.0, 1.0).tolist()),
+                grad_nonfinite=tuple(int(v) for v in values[4]),
+                grad_numel=tuple(int(v) for v in numel),
+            )
+        act_fields: dict[str, Any] = {}
+        if record.act_parts:
+            acts = np.stack([next(host[t.device]) for t in record.act_parts])
+            act_fields = dict(
+                act_layers=tuple(record.act_names),
+                act_kinds=tuple(record.act_kinds),
+                act_inactive_frac=tuple(acts[:, 0].tolist()),
+                act_dead_frac=tuple(acts[:, 1].tolist()),
+                act_tail_frac=tuple(acts[:, 2].tolist()),
+                act_is_output=tuple(n in self._output_acts for n in record.act_names),
+            )
+        return StepStats(step=record.step, **grad_fields, **act_fields)
+
+    def _param_numel(self, index: int) -> int:
+        return int(self._params[index].numel()) if index < len(self._params) else 0
+
+    # --- findings --------------------------------------------------------------------
+
+    def _handle_finding(self, finding: Finding) -> None:
+        mode = self._on_finding
+        if callable(mode):
+            mode(finding)
+        elif mode == "raise":
+            raise FindingError(finding)
+        elif mode == "warn" and self._rank_zero and finding.rule not in self._warned_rules:
+            self._warned_rules.add(finding.rule)
+            fix = f" Try first: {finding.fixes[0].text}" if finding.fixes else ""
+            warnings.warn(
+                f"gradwatch {finding.severity} [{finding.rule}] at step {finding.last_step}: "
+                f"{finding.message}{fix}",
+                GradwatchWarning,
+                stacklevel=2,
+            )
+
+
+# --- hook bodies (module level so hooks hold only a weak reference to the watch) -------
+
+
+def _on_grad_ready(watch: TorchWatch, grad: torch.Tensor) -> None:
+    if watch._in_backward:
+        return
+    with watch.guard:
+        watch._begin_backward()
+
+
+def _on_backward_end(watch: TorchWatch) -> None:
+    with watch.guard:
+        watch._end_backward()
+
+
+def _on_optimizer_step(watch: TorchWatch, optimizer: Any, args: Any, kwargs: Any) -> None:
+    with watch.guard:
+        watch._hook_params()  # parameters unfrozen since the last step
+        watch._end_step()
+
+
+def _on_root_forward_pre(watch: TorchWatch, module: nn.Module, args: Any) -> None:
+    watch._fwd_calls.clear()
+    watch._fwd_last = None
+
+
+def _on_root_forward(watch: TorchWatch, module: nn.Module, args: Any, output: Any) -> None:
+    if watch._act_sampling:
+        with watch.guard:
+            watch._on_root_output(output)
+
+
+def _module_hook_for(site: _ActivationSite) -> Callable[..., None]:
+    def hook(watch: TorchWatch, module: nn.Module, args: Any, output: Any) -> None:
+        if watch._act_sampling:
+            with watch.guard:
+                watch._on_activation(site, module.training, output)
+
+    return hook
+
+
+def _functional_hook_for(site: _ActivationSite) -> Callable[..., None]:
+    def hook(watch: TorchWatch, output: Any) -> None:
+        if watch._act_sampling:
+            with watch.guard:
+                watch._on_activation(site, True, output)
+
+    return hook
+
+
+def _group_params(live: list[tuple[int, torch.Tensor | None]]) -> list[_GradGroup]:
+    """Dense gradients grouped by (device, dtype) for fused reductions; sparse ones alone."""
+    groups: dict[Any, _GradGroup] = {}
+    singles: list[_GradGroup] = []
+    for i, g in live:
+        if g is None:
+            continue
+        if g.is_sparse:
+            singles.append(_GradGroup([i], g.device))
+            continue
+        key = (g.device, g.dtype)
+        groups.setdefault(key, _GradGroup([], g.device)).indices.append(i)
+    return [*groups.values(), *singles]
+
+
+def _print_report(report: Report) -> None:
+    width = min(100, shutil.get_terminal_size((80, 24)).columns)
+    try:
+        text = report.render(width=width)
+    except ImportError:  # the renderer is optional at this stage of the core
+        lines = [f"gradwatch: {report.steps_observed} steps observed"]
+        lines += [f"  [{f.severity}] {f.rule}: {f.message}" for f in report.findings]
+        text = "\n".join(lines)
+    print(text)
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    on_finding: str | Callable[[Finding], None] = "warn",
+    grad_schedule: Schedule = DEFAULT_GRAD_SCHEDULE,
+    activations: bool = True,
+    activation_schedule: Schedule = DEFAULT_ACTIVATION_SCHEDULE,
+    flush_every: int = 20,
+    rules: Sequence[Rule] = DEFAULT_RULES,
+    strict: bool = False,
+    show: bool = True,
+) -> TorchWatch:
+    """Watch ``model``'s gradient flow during training; the training loop stays unchanged.
+
+    Args:
+        model: the ``nn.Module`` being trained (plain, DDP-wrapped or torch.compile'd).
+        optimizer: with it, one step is one ``optimizer.step()``; without it, one
+            finished backward pass (or one :meth:`TorchWatch.step` call). Defaults to ``None``.
+        on_finding: what happens when a rule first fires: ``"warn"`` (one
+            :class:`~gradwatch.GradwatchWarning` per rule), ``"raise"``
+            (:class:`~gradwatch.FindingError`, stops the run), ``"ignore"``, or a
+            callable taking the :class:`~gradwatch.Finding`. Defaults to ``"warn"``.
+        grad_schedule: ``step -> bool``, the steps whose gradients are reduced.
+            Defaults to :data:`DEFAULT_GRAD_SCHEDULE` (every step up to 50, then every 10th).
+        activations: capture activation statistics with forward hooks. Defaults to ``True``.
+        activation_schedule: ``step -> bool`` for activations. Defaults to
+            :data:`DEFAULT_ACTIVATION_SCHEDULE`.
+        flush_every: steps between the host copies that feed the analyzer; findings
+            appear at flushes. Defaults to ``20``.
+        rules: the rules to apply. Defaults to :data:`gradwatch.DEFAULT_RULES`.
+        strict: re-raise internal errors instead of warning once and switching off.
+            Defaults to ``False``.
+        show: print the report from :meth:`TorchWatch.report` and on ``with`` exit.
+            Defaults to ``True``.
+
+    Raises:
+        ValueError: for a bad argument, naming it.
+
+    Example:
+        >>> import torch, gradwatch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
+        >>> gw = gradwatch.watch(model, on_finding="ignore", show=False)
+        >>> model(torch.randn(8, 4)).sum().backward()
+        >>> gw.step_count
+        1
+        >>> gw.close()
+    """
+    return TorchWatch(
+        model,
+        optimizer,
+        on_finding=on_finding,
+        grad_schedule=grad_schedule,
+        activations=activations,
+        activation_schedule=activation_schedule,
+        flush_every=flush_every,
+        rules=rules,
+        strict=strict,
+        show=show,
+    )
+
+
+__all__ = [
+    "DEFAULT_ACTIVATION_SCHEDULE",
+    "DEFAULT_GRAD_SCHEDULE",
+    "TorchWatch",
+    "activation_stats_on_device",
+    "every",
+    "grad_stats_on_device",
+    "strip_wrapper_prefixes",
+    "unit_axis_of",
+    "watch",
+]
