@@ -317,9 +317,12 @@ class Analyzer:
 
     @property
     def findings(self) -> list[Finding]:
-        """Findings so far, most severe first (then by first step)."""
+        """Findings so far, most severe first (then in rule order)."""
+        # Rule order breaks severity ties; DEFAULT_RULES puts the gradient-flow rules,
+        # whose fixes address the most, before the per-unit ones.
+        order = {rule.id: i for i, rule in enumerate(self.rules)}
         found = [ep.finding for ep in self._episodes.values() if ep.finding is not None]
-        return sorted(found, key=lambda f: (-SEVERITY_RANK[f.severity], f.first_step, f.rule))
+        return sorted(found, key=lambda f: (-SEVERITY_RANK[f.severity], order[f.rule]))
 
     def report(self) -> Report:
         """The report of everything observed so far (also valid mid-run)."""

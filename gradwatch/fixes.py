@@ -35,8 +35,9 @@ FIXES: dict[str, str] = {
         'kernel_initializer="glorot_uniform" (the Keras default).'
     ),
     "leaky_relu": (
-        "Replace sigmoid/tanh/ReLU hidden activations with leaky ReLU: "
-        'nn.LeakyReLU(0.01) / activation="leaky_relu".'
+        "Replace sigmoid/tanh/ReLU hidden activations with leaky ReLU, with He init: "
+        "nn.LeakyReLU(0.01) + nn.init.kaiming_normal_ / "
+        'activation="leaky_relu", kernel_initializer="he_normal".'
     ),
     "relu": (
         "Replace sigmoid/tanh hidden activations with ReLU: "

@@ -38,6 +38,14 @@ class VanishingGradient(Rule):
             Defaults to ``1e-4`` (AUTOTRAINER).
         severe_ratio_threshold: ratio below which no absolute floor is needed.
             Defaults to ``1e-5`` (our scenarios: healthy nets stay above 1e-2).
+        decay_per_layer: a steady per-layer shrink factor of the per-entry (RMS)
+            gradient, fitted across at least ``min_decay_depth`` layer groups, below
+            which gradients vanish even when no single ratio is extreme. Defaults to
+            ``0.7``: He et al. (2015) initialise so this factor is 1; sigmoid stacks
+            (derivative <= 0.25) fall below it, as Glorot & Bengio (2010) measured.
+        decay_ratio: and the first/last RMS ratio must be below this. Defaults to
+            ``0.05`` (over an order of magnitude end to end).
+        min_decay_depth: layer groups needed for the decay fit. Defaults to ``6``.
         mean_abs_threshold: first-group mean |g| floor. Defaults to ``1e-7``
             (SageMaker Debugger ``vanishing_gradient``).
         dead_zero_frac: zero-entry fraction above which a group counts as dead.
@@ -54,6 +62,9 @@ class VanishingGradient(Rule):
     ratio_threshold: float = 1e-3
     first_norm_threshold: float = 1e-4
     severe_ratio_threshold: float = 1e-5
+    decay_per_layer: float = 0.7
+    decay_ratio: float = 0.05
+    min_decay_depth: int = 6
     mean_abs_threshold: float = 1e-7
     dead_zero_frac: float = 0.7
     hysteresis: float = 3.0
@@ -81,19 +92,33 @@ class VanishingGradient(Rule):
             mean_abs[first] < self.mean_abs_threshold * relax
             and mean_abs[last] >= self.mean_abs_threshold / self.ratio_threshold
         )
-        if not (by_norm or by_mean):
-            return None
-        affected = tuple(
-            view.columns[i] for i in live[:-1] if norm[i] / norm[last] < ratio_limit
-        ) or (view.columns[first],)
         depth = int(live.size)
-        decay = float(ratio ** (1.0 / (depth - 1))) if ratio > 0 else 0.0
+        numel = window_median(view["numel"][rows])[live]
+        rms = norm[live] / np.sqrt(np.maximum(numel, 1.0))
+        decay, rms_ratio = _rms_decay(rms)
+        by_decay = (
+            depth >= self.min_decay_depth
+            and decay < min(self.decay_per_layer * relax ** 0.25, 1.0)
+            and rms_ratio < min(self.decay_ratio * relax, 1.0)
+        )
+        if not (by_norm or by_mean or by_decay):
+            return None
+        if by_norm or by_mean:
+            affected = tuple(
+                view.columns[i] for i in live[:-1] if norm[i] / norm[last] < ratio_limit
+            ) or (view.columns[first],)
+        else:
+            # Name the layers more than sqrt(decay_ratio) below the last one.
+            cut = rms[-1] * np.sqrt(self.decay_ratio)
+            affected = tuple(view.columns[live[i]] for i in range(depth - 1) if rms[i] < cut)
+            affected = affected or (view.columns[first],)
         evidence = {
             "first_last_norm_ratio": ratio,
             "first_layer_norm": float(norm[first]),
             "last_layer_norm": float(norm[last]),
             "first_layer_mean_abs": float(mean_abs[first]),
             "per_layer_decay": decay,
+            "first_last_rms_ratio": rms_ratio,
             "layers_affected": float(len(affected)),
         }
         message = (
@@ -112,3 +137,17 @@ class VanishingGradient(Rule):
             order = ("residual", "batch_norm") if depth >= 8 else ("batch_norm", "residual")
             return fixes(*order, "he_init")
         return fixes("he_init", "leaky_relu", "batch_norm", "residual")
+
+
+def _rms_decay(rms: np.ndarray) -> tuple[float, float]:
+    """``(per-layer factor, first/last ratio)`` of per-entry gradient size; the factor
+    is ``10**-slope`` of a least-squares line through log10 RMS over layer index."""
+    positive = rms > 0
+    if positive.sum() < 2 or not positive[-1]:
+        return 1.0, 1.0
+    logs = np.log10(rms[positive])
+    index = np.flatnonzero(positive).astype(np.float64)
+    slope = float(np.polyfit(index, logs, 1)[0])
+    ratio = float(rms[0] / rms[-1]) if positive[0] else 0.0
+    return 10.0 ** (-slope), ratio
+

@@ -33,6 +33,21 @@ def test_vanishing_deep_sigmoid_stack_names_first_layers_and_ranks_activation_fi
     assert f.evidence["per_layer_decay"] == pytest.approx(0.25, rel=0.1)
 
 
+
+def test_steady_decay_through_a_deep_stack_is_vanishing_without_an_extreme_ratio():
+    # x0.6 per layer over 10 layers: first/last = 1e-2, above AUTOTRAINER's 1e-3, but a
+    # steady geometric shrink through the depth (a deep sigmoid net with N(0,1) init).
+    an = run(60, lambda s, rng: grad_step(s, noisy(decaying(10, 0.6), rng, 0.1)))
+    f = an.report().by_rule("vanishing_gradient")
+    assert f is not None and f.layers[0] == "fc0"
+    assert f.evidence["per_layer_decay"] == pytest.approx(0.6, rel=0.1)
+
+
+@pytest.mark.parametrize(("depth", "factor"), [(10, 0.8), (5, 0.5)])
+def test_mild_decay_or_shallow_nets_stay_quiet(depth, factor):
+    an = run(60, lambda s, rng: grad_step(s, noisy(decaying(depth, factor), rng, 0.1)))
+    assert "vanishing_gradient" not in rule_ids(an, "info")
+
 def test_vanishing_in_relu_net_recommends_normalisation_or_residuals_first():
     an = run(60, lambda s, rng: grad_step(s, noisy(decaying(10, 0.25), rng), acts=RELU_ACTS))
     f = an.report().by_rule("vanishing_gradient")
