@@ -592,9 +592,9 @@ class TorchWatch:
             self._groups_key = key
         grads = dict(live)
         for group in self._groups:
-            tensors = [grads[i] for i in group.indices]
+            tensors = [_dense_values(grads[i]) for i in group.indices]
             pending.grad_indices.extend(group.indices)
-            pending.grad_parts.append(grad_stats_on_device([t for t in tensors if t is not None]))
+            pending.grad_parts.append(grad_stats_on_device(tensors))
         for i, g in live:
             if g is not None and g.is_sparse:
                 pending.sparse_numel[i] = g.numel()
@@ -752,6 +752,16 @@ def _functional_hook_for(site: _ActivationSite) -> Callable[..., None]:
                 watch._on_activation(site, True, output)
 
     return hook
+
+
+def _dense_values(grad: torch.Tensor | None) -> torch.Tensor:
+    """A sparse gradient's stored values (its other entries are zeros), else the gradient."""
+    assert grad is not None
+    if not grad.is_sparse:
+        return grad
+    values = grad.coalesce().values()
+    # an all-zero sparse gradient stores nothing; one explicit zero has the same statistics
+    return values if values.numel() else values.new_zeros(1)
 
 
 def _group_params(live: list[tuple[int, torch.Tensor | None]]) -> list[_GradGroup]:

@@ -1,0 +1,128 @@
+"""Fused device statistics against the core's naive per-parameter numpy reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+from torch_helpers import EVERY_STEP, mlp, record_stats  # noqa: E402
+
+import gradwatch  # noqa: E402
+from gradwatch.activations import activation_stats_from_array, tail_bounds  # noqa: E402
+from gradwatch.adapters.torch import (  # noqa: E402
+    activation_stats_on_device,
+    grad_stats_on_device,
+    strip_wrapper_prefixes,
+    unit_axis_of,
+)
+from gradwatch.reduce import grad_stats_from_array  # noqa: E402
+
+
+def _naive(g: torch.Tensor) -> tuple[float, float, float, float, int, int]:
+    return grad_stats_from_array(g.detach().double().numpy())
+
+
+def test_fused_grad_stats_match_numpy_reference() -> None:
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(7, 5, generator=gen), torch.randn(3, generator=gen) * 1e-6,
+             torch.zeros(4, 4), torch.randn(2, 3, 4, generator=gen)]
+    grads[3][0, 0, :2] = 0.0
+    out = grad_stats_on_device(grads).double().numpy()
+    for j, g in enumerate(grads):
+        norm, max_abs, mean_abs, zero_frac, nonfinite, numel = _naive(g)
+        assert out[0, j] == pytest.approx(norm, rel=1e-5, abs=1e-12)
+        assert out[1, j] == pytest.approx(max_abs, rel=1e-6)
+        assert out[2, j] / numel == pytest.approx(mean_abs, rel=1e-5, abs=1e-12)
+        assert 1.0 - out[3, j] / numel == pytest.approx(zero_frac)
+        assert out[4, j] == nonfinite == 0
+
+
+def test_fused_grad_stats_flag_nonfinite() -> None:
+    g = torch.tensor([1.0, float("nan"), 2.0])
+    h = torch.tensor([float("inf"), 0.0])
+    out = grad_stats_on_device([g, h, torch.ones(2)]).numpy()
+    assert out[4].tolist() == [1.0, 1.0, 0.0]
+    assert not math.isfinite(out[0, 0]) and not math.isfinite(out[0, 1])
+
+
+@pytest.mark.parametrize("kind", ["relu", "relu6", "sigmoid", "tanh", "gelu", "hard_sigmoid"])
+@pytest.mark.parametrize("shape", [(32, 16), (4, 6, 5, 5), (4, 7, 8)])
+def test_activation_stats_match_numpy_reference(kind: str, shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=gen) * 4 - 1
+    fn = {"relu": torch.relu, "relu6": nn.functional.relu6, "sigmoid": torch.sigmoid,
+          "tanh": torch.tanh, "gelu": nn.functional.gelu,
+          "hard_sigmoid": nn.functional.hardsigmoid}[kind]
+    y = fn(x)
+    axis = unit_axis_of(y)
+    if kind in ("relu", "relu6"):
+        y.narrow(axis, 0, 1).zero_()  # one unit dead for the whole batch
+    got = activation_stats_on_device(y, kind, axis, tail_bounds(kind)).double().numpy()
+    want = activation_stats_from_array(y.numpy(), kind, axis)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    if kind == "relu":
+        assert got[1] > 0  # the dead unit is seen
+
+
+def test_watch_step_stats_match_naive_reference_on_a_real_step() -> None:
+    torch.manual_seed(0)
+    model = mlp(nn.ReLU, depth=3, width=16)
+    model[0].weight.requires_grad_(False)  # frozen: must be absent
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    gw = gradwatch.watch(model, opt, grad_schedule=EVERY_STEP, activation_schedule=EVERY_STEP,
+                         on_finding="ignore", show=False)
+    seen = record_stats(gw)
+    x = torch.randn(20, 32)
+    acts: dict[str, np.ndarray] = {}
+    handles = [model[i].register_forward_hook(
+        lambda m, a, out, i=i: acts.__setitem__(str(i), out.detach().numpy().copy()))
+        for i in (1, 3, 5)]
+    model(x).pow(2).mean().backward()
+    expected = {n: _naive(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    for h in handles:
+        h.remove()
+    gw.flush()
+    assert len(seen) == 1
+    s = seen[0]
+    assert s.grad_layers == tuple(expected)  # model order, frozen weight absent
+    assert "0.weight" not in s.grad_layers
+    for i, name in enumerate(s.grad_layers):
+        norm, max_abs, mean_abs, zero_frac, nonfinite, numel = expected[name]
+        assert s.grad_norm[i] == pytest.approx(norm, rel=1e-5)
+        assert s.grad_max_abs[i] == pytest.approx(max_abs, rel=1e-6)
+        assert s.grad_mean_abs[i] == pytest.approx(mean_abs, rel=1e-5)
+        assert s.grad_zero_frac[i] == pytest.approx(zero_frac)
+        assert s.grad_nonfinite[i] == nonfinite
+        assert s.grad_numel[i] == numel
+    assert s.act_layers == ("1", "3", "5")
+    assert s.act_kinds == ("relu",) * 3
+    assert s.act_is_output == (False,) * 3
+    for i, name in enumerate(s.act_layers):
+        want = activation_stats_from_array(acts[name], "relu", -1)
+        got = (s.act_inactive_frac[i], s.act_dead_frac[i], s.act_tail_frac[i])
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    gw.close()
+
+
+def test_output_activation_is_marked() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1), nn.Sigmoid())
+    gw = gradwatch.watch(model, activation_schedule=EVERY_STEP, on_finding="ignore", show=False)
+    seen = record_stats(gw)
+    model(torch.randn(5, 4)).sum().backward()
+    gw.flush()
+    assert seen[0].act_layers == ("1", "3")
+    assert seen[0].act_is_output == (False, True)
+    gw.close()
+
+
+def test_wrapper_prefixes_are_stripped() -> None:
+    assert strip_wrapper_prefixes("module.enc.fc1.weight") == "enc.fc1.weight"
+    assert strip_wrapper_prefixes("_orig_mod.fc.bias") == "fc.bias"
+    assert strip_wrapper_prefixes("block._orig_mod.fc.bias") == "block.fc.bias"
+    assert strip_wrapper_prefixes("modules.fc") == "modules.fc"
