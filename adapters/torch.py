@@ -347,9 +347,9 @@ class TorchWatch:
         self._handles: list[Any] = []
         self._probes: list[tuple[nn.Module, str, Callable[..., Any]]] = []
         self._pending: list[_PendingStep] = []
-        self._root = _unwrap(model)
+        root = _unwrap(model)
         self._model_ref = weakref.ref(model)
-        named = [(strip_wrapper_prefixes(n), p) for n, p in self._root.named_parameters()]
+        named = [(strip_wrapper_prefixes(n), p) for n, p in root.named_parameters()]
         self._names = [n for n, _ in named]
         self._params: list[torch.Tensor] = [p for _, p in named]
         self._hooked: set[int] = set()
@@ -386,7 +386,7 @@ class TorchWatch:
                 "its graph); dead_relu and saturation judge gradients only."
             )
         elif activations:
-            self._hook_activations()
+            self._hook_activations(root)
         self._act_sampling = self._activations and bool(self._activation_schedule(0))
 
     # --- public ----------------------------------------------------------------------
@@ -432,6 +432,11 @@ class TorchWatch:
             show: print it. Defaults to the ``show`` given to :func:`watch` (``True``).
         """
         self.flush()
+        if self.guard.error is not None:
+            self.analyzer.add_note(
+                f"Monitoring stopped at step {self.step_count} after an internal error in "
+                f"the torch adapter: {type(self.guard.error).__name__}: {self.guard.error}"
+            )
         report = self.analyzer.report()
         if (self._show if show is None else show) and self._rank_zero:
             _print_report(report)
@@ -498,9 +503,8 @@ class TorchWatch:
             self._hooked.add(index)
             self._handles.append(param.register_hook(self._weak(_on_grad_ready)))
 
-    def _hook_activations(self) -> None:
+    def _hook_activations(self, root: nn.Module) -> None:
         sites = 0
-        root = self._root
         for raw_name, module in root.named_modules():
             name = strip_wrapper_prefixes(raw_name) or type(module).__name__.lower()
             cls = type(module).__name__
