@@ -1,0 +1,155 @@
+"""Step-time overhead of gradwatch's torch adapter, against the alternatives.
+
+Run: ``python benchmarks/overhead.py`` (CPU, one thread). Prints markdown tables of
+median step-time ratios versus the unmonitored loop. Every variant trains its own copy
+of the model in the same process, interleaved A B A B after warm-up
+(see ``benchmarks/_timing.py``). Targets: defaults <= 1.03x, every-step gradient and
+activation statistics <= 1.15x.
+
+Structure: ``torch_rows()`` returns the tables for PyTorch; ``main()`` prints them. A
+Keras section can be added next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _timing import interleaved_medians, markdown_table  # noqa: E402
+
+
+def _mlp(depth: int = 12, width: int = 512) -> object:
+    import torch as t
+
+    layers: list[t.nn.Module] = []
+    for _ in range(depth):
+        layers += [t.nn.Linear(width, width), t.nn.ReLU()]
+    return t.nn.Sequential(*layers, t.nn.Linear(width, 10))
+
+
+def _cnn() -> object:
+    import torch as t
+
+    nn = t.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+    )
+
+
+def _make_step(
+    model_fn: Callable[[], object], x: object, y: object, setup: str
+) -> Callable[[], None]:
+    """A closure doing one SGD step of a fresh model copy under monitoring ``setup``."""
+    import torch
+
+    import gradwatch
+    from gradwatch.adapters.torch import every
+
+    torch.manual_seed(0)
+    model = model_fn()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.functional.cross_entropy
+    context: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext
+    after_backward: Callable[[], None] = lambda: None  # noqa: E731
+    if setup == "defaults":
+        gradwatch.watch(model, opt, on_finding="ignore", show=False)
+    elif setup == "every_step":
+        gradwatch.watch(model, opt, grad_schedule=every(1), activation_schedule=every(1),
+                        on_finding="ignore", show=False)
+    elif setup == "naive_item":
+        params = list(model.named_parameters())
+        norms: dict[str, float] = {}
+
+        def after_backward() -> None:
+            for name, p in params:
+                norms[name] = p.grad.norm().item()
+    elif setup == "detect_anomaly":
+        context = lambda: torch.autograd.detect_anomaly(check_nan=True)  # noqa: E731
+    elif setup == "wandb":
+        import wandb
+
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        wandb.init(mode="offline", project="gradwatch-overhead", reinit=True)
+        wandb.watch(model, log="gradients", log_freq=1)
+
+    def step() -> None:
+        with context():
+            loss = loss_fn(model(x), y)
+            loss.backward()
+        after_backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def torch_rows(*, quick: bool = False, cnn: bool = True) -> list[str]:
+    """Markdown tables for the PyTorch adapter."""
+    import importlib.util
+
+    import torch
+
+    torch.set_num_threads(1)
+    rounds, warmup = (8, 60) if quick else (40, 60)
+    tables = []
+    cases: list[tuple[str, Callable[[], object], object, object]] = []
+    gen = torch.Generator().manual_seed(0)
+    cases.append((
+        "PyTorch: 12x512 ReLU MLP, batch 128, SGD, CPU, 1 thread",
+        _mlp, torch.randn(128, 512, generator=gen), torch.randint(0, 10, (128,), generator=gen),
+    ))
+    if cnn:
+        cases.append((
+            "PyTorch: small BN CNN (3 conv), batch 32 of 3x32x32, SGD, CPU, 1 thread",
+            _cnn, torch.randn(32, 3, 32, 32, generator=gen),
+            torch.randint(0, 10, (32,), generator=gen),
+        ))
+    setups = {
+        "gradwatch defaults": "defaults",
+        "gradwatch every-step stats + activations": "every_step",
+        "naive per-parameter .norm().item()": "naive_item",
+        "torch.autograd.detect_anomaly": "detect_anomaly",
+    }
+    if importlib.util.find_spec("wandb") is not None:
+        setups["wandb.watch(log='gradients', log_freq=1), offline"] = "wandb"
+    for title, model_fn, x, y in cases:
+        with _quiet():
+            variants = {"unmonitored": _make_step(model_fn, x, y, "none")}
+            for label, setup in setups.items():
+                variants[label] = _make_step(model_fn, x, y, setup)
+            medians = interleaved_medians(variants, warmup=warmup, rounds=rounds)
+        base = medians.pop("unmonitored")
+        tables.append(markdown_table(title, base, medians))
+    return tables
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
+    parser.add_argument("--no-cnn", action="store_true", help="skip the CNN table")
+    args = parser.parse_args(argv)
+    for table in torch_rows(quick=args.quick, cnn=not args.no_cnn):
+        print(table)
+        print()
+
+
+if __name__ == "__main__":
+    main()
