@@ -1,0 +1,103 @@
+"""DistributedDataParallel on 2 CPU processes (gloo, 127.0.0.1): every rank computes,
+only rank 0 warns or prints, nothing deadlocks, findings match a single-process run."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+STEPS = 40
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    from torch_helpers import mlp
+
+    return mlp(nn.Sigmoid, depth=10, width=32)  # vanishes: a gradient-only verdict
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(64, 32, generator=gen), torch.randn(64, 1, generator=gen)
+
+
+def _run(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, object]:
+    import gradwatch
+    from gradwatch.adapters.torch import every
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gw = gradwatch.watch(model, opt, grad_schedule=every(1), activation_schedule=every(1),
+                         show=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(STEPS):
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        report = gw.report(show=True)
+    gw.close()
+    grad_findings = sorted(
+        (f.rule, f.layers) for f in report.findings if f.rule not in ("dead_relu", "saturation")
+    )
+    return {
+        "findings": grad_findings,
+        "layers": [layer.name for layer in report.layers],
+        "warnings": sum(1 for w in caught if "gradwatch" in str(w.message)),
+    }
+
+
+def _worker(rank: int, port: int, out: dict[int, dict[str, object]]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        model = nn.parallel.DistributedDataParallel(_model())
+        x, y = _data()
+        half = slice(rank * 32, (rank + 1) * 32)  # mean loss over halves = full-batch gradient
+        out[rank] = _run(model, x[half], y[half])
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process() -> None:
+    x, y = _data()
+    single = _run(_model(), x, y)
+    manager = mp.Manager()
+    out = manager.dict()
+    ctx = mp.start_processes(_worker, args=(_free_port(), out), nprocs=2, join=False,
+                             start_method="spawn")
+    for _ in range(120):
+        if ctx.join(timeout=1):
+            break
+    else:
+        for p in ctx.processes:
+            p.kill()
+        pytest.fail("DDP run did not finish within 120 s (deadlock?)")
+    assert set(out.keys()) == {0, 1}
+    assert single["findings"], "the reference run should find vanishing gradients"
+    for rank in (0, 1):
+        assert out[rank]["findings"] == single["findings"]
+        assert out[rank]["layers"] == single["layers"]  # "module." stripped
+    assert out[0]["warnings"] >= 1
+    assert out[1]["warnings"] == 0
