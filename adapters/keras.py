@@ -165,6 +165,24 @@ def _one_hot_where(index: Any, size: int, new: Any, old: Any) -> Any:
 class _Probe:
     """The callback-owned variables the train step writes into, and their layout."""
 
+    def ensure_grads(self, n_vars: int) -> keras.Variable:
+        """The gradient ring, created on first use when the model was not built before
+        fit (a subclassed model builds inside the first traced step; Keras creates
+        variables there under ``tf.init_scope``, as the optimizer does)."""
+        if self.grads is None:
+            self.n_vars = n_vars
+            self.grads = keras.Variable(
+                np.zeros((self.ring, max(n_vars, 1), 6), np.float32),
+                trainable=False,
+                name="gradwatch_grads",
+            )
+        if n_vars > self.n_vars:
+            raise RuntimeError(
+                f"the optimizer applies {n_vars} gradients but the model listed "
+                f"{self.n_vars} trainable variables at the start of fit"
+            )
+        return self.grads
+
     def __init__(self, n_vars: int, n_acts: int, ring: int) -> None:
         self.ring = ring
         self.n_vars = n_vars
@@ -176,9 +194,9 @@ class _Probe:
         self.steps = keras.Variable(
             np.full((ring, 2), -1, np.int32), dtype="int32", name="gradwatch_steps", **kw
         )
-        self.grads = keras.Variable(
-            np.zeros((ring, max(n_vars, 1), 6), np.float32), name="gradwatch_grads", **kw
-        )
+        self.grads: keras.Variable | None = None
+        if n_vars:
+            self.ensure_grads(n_vars)
         self.acts: keras.Variable | None = None
         self.act_now: keras.Variable | None = None
         self.act_step: keras.Variable | None = None
@@ -218,8 +236,13 @@ class GradWatchCallback(keras.callbacks.Callback):
         window: steps the analyzer keeps for its rules. Defaults to ``64``.
         flush_every: read the statistics back to the host every this many batches
             (one small transfer). Defaults to ``16``.
-        activation_every: sample activation statistics every this many steps; ``0``
-            turns activation monitoring off. Defaults to ``1``.
+        sample_every: reduce gradient (and activation) statistics on every this many
+            training steps; the other steps cost a comparison. Each sample is the full
+            statistics of that step's real gradients. Defaults to ``8`` (under 5%
+            overhead on a 12x512 MLP on CPU, see ``benchmarks/overhead_keras.py``);
+            use ``1`` for short runs.
+        activations: also sample activation statistics (dead ReLUs, saturation).
+            Defaults to ``True``.
         tail_derivative_fraction: a sigmoid/tanh output is in a flat tail when its
             local derivative is below this fraction of its peak. Defaults to
             ``gradwatch.activations.DEFAULT_TAIL_DERIVATIVE_FRACTION`` (``0.01``).
@@ -260,7 +283,8 @@ class GradWatchCallback(keras.callbacks.Callback):
         rules: Sequence[Rule] = DEFAULT_RULES,
         window: int = 64,
         flush_every: int = 16,
-        activation_every: int = 1,
+        sample_every: int = 8,
+        activations: bool = True,
         tail_derivative_fraction: float = DEFAULT_TAIL_DERIVATIVE_FRACTION,
         on_finding: str | Callable[[Finding], Any] = "warn",
         verbose: int = 1,
@@ -268,7 +292,9 @@ class GradWatchCallback(keras.callbacks.Callback):
     ) -> None:
         super().__init__()
         _check_int("flush_every", flush_every, 1)
-        _check_int("activation_every", activation_every, 0)
+        _check_int("sample_every", sample_every, 1)
+        if not isinstance(activations, bool):
+            raise ValueError(f"activations must be True or False, got {activations!r}")
         _check_int("window", window, 1)
         if not (isinstance(on_finding, str) and on_finding in _ON_FINDING_MODES) and not (
             callable(on_finding) and not isinstance(on_finding, str)
@@ -293,7 +319,8 @@ class GradWatchCallback(keras.callbacks.Callback):
         self.rules = tuple(rules)
         self.window = window
         self.flush_every = flush_every
-        self.activation_every = activation_every
+        self.sample_every = sample_every
+        self.activations = activations
         self.tail_derivative_fraction = float(tail_derivative_fraction)
         self.on_finding = on_finding
         self.verbose = verbose
@@ -385,7 +412,7 @@ class GradWatchCallback(keras.callbacks.Callback):
         variables = list(model.trainable_variables)
         layers = _leaf_layers(model)
         uncovered: list[str] = []
-        if self.activation_every:
+        if self.activations:
             for layer in layers:
                 kind = _activation_kind(layer)
                 if kind is not None and kind != ActivationKind.OTHER.value:
@@ -395,7 +422,7 @@ class GradWatchCallback(keras.callbacks.Callback):
                 ):
                     uncovered.append(layer.name)
         else:
-            self.analyzer_note("Activation monitoring is off (activation_every=0).")
+            self.analyzer_note("Activation monitoring is off (activations=False).")
         self._act_names = tuple(_layer_name(layer) for layer in self._act_layers)
         self._act_kinds = tuple(_activation_kind(layer) or "other" for layer in self._act_layers)
         output_layers = _functional_output_layers(model)
@@ -405,7 +432,7 @@ class GradWatchCallback(keras.callbacks.Callback):
                 "Activations not monitored (applied inside recurrent cells, Lambda layers or "
                 f"an unknown function): {', '.join(uncovered)}."
             )
-        if self.activation_every and not self._act_layers:
+        if self.activations and not self._act_layers:
             self.analyzer_note(
                 "No activation layer found. Activations computed inside a custom call() "
                 "(e.g. keras.ops.relu) are not monitored; only activation layers and "
@@ -414,7 +441,8 @@ class GradWatchCallback(keras.callbacks.Callback):
         spe = int(getattr(model, "steps_per_execution", 1) or 1)
         # on_train_batch_end runs once per execution of `spe` steps.
         self._flush_calls = max(1, math.ceil(self.flush_every / spe))
-        ring = self._flush_calls * spe + spe
+        # Samples that can land between two reads, with slack for the final partial one.
+        ring = math.ceil((self._flush_calls * spe + spe) / self.sample_every) + 2
         self._probe = _Probe(len(variables), len(self._act_layers), ring)
 
         self._patch(model, "train_step", self._wrap_train_step(model.train_step))
@@ -493,7 +521,7 @@ class GradWatchCallback(keras.callbacks.Callback):
 
     def _record_activation(self, probe: _Probe, index: int, y: Any, kind: str, axis: int) -> None:
         assert probe.act_now is not None and probe.act_step is not None
-        act_now, act_step, every = probe.act_now, probe.act_step, self.activation_every
+        act_now, act_step, every = probe.act_now, probe.act_step, self.sample_every
         frac = self.tail_derivative_fraction
 
         def write() -> None:
@@ -532,38 +560,41 @@ class GradWatchCallback(keras.callbacks.Callback):
         if scale is None:
             scale = getattr(optimizer, "loss_scale_factor", None)
         dynamic = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        rows: list[Any] = []
-        names: list[str] = []
-        for g, v in zip(grads, variables, strict=True):
-            if g is None:
-                continue  # a variable the loss does not depend on: no gradient to judge
-            if scale is not None:
-                g = ops.divide(ops.cast(g, "float32"), ops.cast(scale, "float32"))
-            rows.append(_grad_row(g))
-            names.append(_var_name(v))
-        if len(rows) > probe.n_vars:
-            raise RuntimeError(
-                f"the optimizer applies {len(rows)} gradients but the model listed "
-                f"{probe.n_vars} trainable variables at the start of fit"
-            )
-        self._grad_names = tuple(names)
-        # Rows in call order (model order), zero-padded to the probe's fixed shape.
-        rows += [ops.zeros((6,), "float32")] * (probe.n_vars - len(rows))
-        table = ops.stack(rows)
+        present = [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+        grad_ring = probe.ensure_grads(len(present))
+        # A variable the loss does not depend on has no gradient to judge: left out.
+        self._grad_names = tuple(_var_name(v) for _, v in present)
         step = probe.counter.value
-        slot = ops.mod(step, probe.ring)
-        if dynamic and rows:
-            skipped = ops.cast(ops.greater(ops.sum(table[:, _NONFINITE]), 0.0), "int32")
+        every = self.sample_every
+
+        def write() -> None:
+            rows = []
+            for g, _ in present:
+                if scale is not None:
+                    g = ops.divide(ops.cast(g, "float32"), ops.cast(scale, "float32"))
+                rows.append(_grad_row(g))
+            # Rows in call order (model order), zero-padded to the probe's fixed shape.
+            rows += [ops.zeros((6,), "float32")] * (probe.n_vars - len(rows))
+            table = ops.stack(rows)
+            slot = ops.mod(ops.floor_divide(step, every), probe.ring)
+            if dynamic and present:
+                skipped = ops.cast(ops.greater(ops.sum(table[:, _NONFINITE]), 0.0), "int32")
+            else:
+                skipped = ops.convert_to_tensor(0, "int32")
+            grad_ring.assign(_one_hot_where(slot, probe.ring, table, grad_ring.value))
+            probe.steps.assign(
+                _one_hot_where(slot, probe.ring, ops.stack([step, skipped]), probe.steps.value)
+            )
+            acts, act_now, act_step = probe.acts, probe.act_now, probe.act_step
+            if acts is not None and act_now is not None and act_step is not None:
+                fresh = ops.expand_dims(ops.equal(act_step.value, step), -1)
+                act_row = ops.where(fresh, act_now.value, math.nan)
+                acts.assign(_one_hot_where(slot, probe.ring, act_row, acts.value))
+
+        if every == 1:
+            write()
         else:
-            skipped = ops.convert_to_tensor(0, "int32")
-        probe.grads.assign(_one_hot_where(slot, probe.ring, table, probe.grads.value))
-        probe.steps.assign(
-            _one_hot_where(slot, probe.ring, ops.stack([step, skipped]), probe.steps.value)
-        )
-        if probe.acts is not None and probe.act_now is not None and probe.act_step is not None:
-            fresh = ops.expand_dims(ops.equal(probe.act_step.value, step), -1)
-            act_row = ops.where(fresh, probe.act_now.value, math.nan)
-            probe.acts.assign(_one_hot_where(slot, probe.ring, act_row, probe.acts.value))
+            ops.cond(ops.equal(ops.mod(step, every), 0), write, lambda: None)
         probe.counter.assign(step + 1)
 
     # --- host side ---------------------------------------------------------------------------
@@ -577,6 +608,8 @@ class GradWatchCallback(keras.callbacks.Callback):
         if fresh.size == 0:
             return
         fresh = fresh[np.argsort(steps[fresh, 0])]
+        if probe.grads is None:
+            return
         grads = np.asarray(ops.convert_to_numpy(probe.grads.value), dtype=np.float64)
         acts = (
             np.asarray(ops.convert_to_numpy(probe.acts.value), dtype=np.float64)
