@@ -71,7 +71,7 @@ _ACT_ROWS = 3
 
 
 @dataclass(frozen=True)
-class every:  # noqa: N801 - reads as a function: every(10, dense_until=50)
+class every:
     """Schedule ``step -> bool``: every step below ``dense_until``, then every ``k``-th.
 
     Args:
@@ -501,7 +501,7 @@ class TorchWatch:
             if index in self._hooked or not param.requires_grad:
                 continue
             self._hooked.add(index)
-            self._handles.append(param.register_hook(self._weak(_on_grad_ready)))
+            self._handles.append(param.register_hook(self._weak(_on_grad_ready)))  # type: ignore[no-untyped-call]
 
     def _hook_activations(self, root: nn.Module) -> None:
         sites = 0
@@ -575,9 +575,7 @@ class TorchWatch:
 
     def _advance(self) -> None:
         self.step_count += 1
-        self._act_sampling = self._activations and bool(
-            self._activation_schedule(self.step_count)
-        )
+        self._act_sampling = self._activations and bool(self._activation_schedule(self.step_count))
         if self.step_count % self._flush_every == 0:
             self._flush()
 
@@ -650,9 +648,7 @@ class TorchWatch:
     ) -> StepStats:
         if record.skipped:
             return StepStats(step=record.step, skipped_step=True)
-        grad_cols = [
-            next(host[t.device]).reshape(_GRAD_ROWS, -1) for t in record.grad_parts
-        ]
+        grad_cols = [next(host[t.device]).reshape(_GRAD_ROWS, -1) for t in record.grad_parts]
         grad_fields: dict[str, Any] = {}
         if grad_cols:
             values = np.concatenate(grad_cols, axis=1)
@@ -768,7 +764,7 @@ def _dense_values(grad: torch.Tensor | None) -> torch.Tensor:
     return values if values.numel() else values.new_zeros(1)
 
 
-def _group_params(live: list[tuple[int, torch.Tensor | None]]) -> list[_GradGroup]:
+def _group_params(live: Sequence[tuple[int, torch.Tensor | None]]) -> list[_GradGroup]:
     """Dense gradients grouped by (device, dtype) for fused reductions; sparse ones alone."""
     groups: dict[Any, _GradGroup] = {}
     singles: list[_GradGroup] = []

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _timing import interleaved_medians, markdown_table  # noqa: E402
+from _timing import interleaved_medians, markdown_table
 
 
 def _mlp(depth: int = 12, width: int = 512) -> object:
@@ -37,10 +37,19 @@ def _cnn() -> object:
 
     nn = t.nn
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 10),
     )
 
 
@@ -49,9 +58,9 @@ def _make_step(
 ) -> Callable[[], None]:
     """A closure doing one SGD step of a fresh model copy under monitoring ``setup``."""
     import torch
+    from gradwatch.adapters.torch import every
 
     import gradwatch
-    from gradwatch.adapters.torch import every
 
     torch.manual_seed(0)
     model = model_fn()
@@ -62,8 +71,14 @@ def _make_step(
     if setup == "defaults":
         gradwatch.watch(model, opt, on_finding="ignore", show=False)
     elif setup == "every_step":
-        gradwatch.watch(model, opt, grad_schedule=every(1), activation_schedule=every(1),
-                        on_finding="ignore", show=False)
+        gradwatch.watch(
+            model,
+            opt,
+            grad_schedule=every(1),
+            activation_schedule=every(1),
+            on_finding="ignore",
+            show=False,
+        )
     elif setup == "naive_item":
         params = list(model.named_parameters())
         norms: dict[str, float] = {}
@@ -112,16 +127,23 @@ def torch_rows(*, quick: bool = False, cnn: bool = True) -> list[str]:
     tables = []
     cases: list[tuple[str, Callable[[], object], object, object]] = []
     gen = torch.Generator().manual_seed(0)
-    cases.append((
-        "PyTorch: 12x512 ReLU MLP, batch 128, SGD, CPU, 1 thread",
-        _mlp, torch.randn(128, 512, generator=gen), torch.randint(0, 10, (128,), generator=gen),
-    ))
+    cases.append(
+        (
+            "PyTorch: 12x512 ReLU MLP, batch 128, SGD, CPU, 1 thread",
+            _mlp,
+            torch.randn(128, 512, generator=gen),
+            torch.randint(0, 10, (128,), generator=gen),
+        )
+    )
     if cnn:
-        cases.append((
-            "PyTorch: small BN CNN (3 conv), batch 32 of 3x32x32, SGD, CPU, 1 thread",
-            _cnn, torch.randn(32, 3, 32, 32, generator=gen),
-            torch.randint(0, 10, (32,), generator=gen),
-        ))
+        cases.append(
+            (
+                "PyTorch: small BN CNN (3 conv), batch 32 of 3x32x32, SGD, CPU, 1 thread",
+                _cnn,
+                torch.randn(32, 3, 32, 32, generator=gen),
+                torch.randint(0, 10, (32,), generator=gen),
+            )
+        )
     setups = {
         "gradwatch defaults": "defaults",
         "gradwatch every-step stats + activations": "every_step",

@@ -21,8 +21,7 @@ def test_compiled_model_names_and_grads() -> None:
     except Exception as exc:  # pragma: no cover - depends on the build
         pytest.skip(f"torch.compile unavailable: {exc}")
     opt = torch.optim.SGD(compiled.parameters(), lr=0.01)
-    gw = gradwatch.watch(compiled, opt, grad_schedule=EVERY_STEP, on_finding="ignore",
-                         show=False)
+    gw = gradwatch.watch(compiled, opt, grad_schedule=EVERY_STEP, on_finding="ignore", show=False)
     seen = record_stats(gw)
     x, y = torch.randn(16, 32), torch.randn(16, 1)
     for _ in range(3):
@@ -43,8 +42,15 @@ def test_no_host_sync_between_flushes_on_cuda() -> None:
     torch.manual_seed(0)
     model = he_relu_mlp(depth=3, width=64).cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gw = gradwatch.watch(model, opt, grad_schedule=EVERY_STEP, activation_schedule=EVERY_STEP,
-                         flush_every=10, on_finding="ignore", show=False)
+    gw = gradwatch.watch(
+        model,
+        opt,
+        grad_schedule=EVERY_STEP,
+        activation_schedule=EVERY_STEP,
+        flush_every=10,
+        on_finding="ignore",
+        show=False,
+    )
     x = torch.randn(32, 32, device="cuda")
     y = torch.randn(32, 1, device="cuda")
     # warm up (first-call allocations may sync), then stop right before the 10th step's flush

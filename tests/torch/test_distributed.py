@@ -35,12 +35,14 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, object]:
-    import gradwatch
     from gradwatch.adapters.torch import every
 
+    import gradwatch
+
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gw = gradwatch.watch(model, opt, grad_schedule=every(1), activation_schedule=every(1),
-                         show=True)
+    gw = gradwatch.watch(
+        model, opt, grad_schedule=every(1), activation_schedule=every(1), show=True
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(STEPS):
@@ -61,8 +63,7 @@ def _run(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, object
 
 def _worker(rank: int, port: int, out: dict[int, dict[str, object]]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         model = nn.parallel.DistributedDataParallel(_model())
         x, y = _data()
@@ -85,8 +86,9 @@ def test_ddp_two_processes_match_single_process() -> None:
     single = _run(_model(), x, y)
     manager = mp.Manager()
     out = manager.dict()
-    ctx = mp.start_processes(_worker, args=(_free_port(), out), nprocs=2, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(_free_port(), out), nprocs=2, join=False, start_method="spawn"
+    )
     for _ in range(120):
         if ctx.join(timeout=1):
             break

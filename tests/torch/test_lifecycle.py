@@ -11,11 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from gradwatch.adapters.torch import TorchWatch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_helpers import EVERY_STEP, he_relu_mlp, mlp  # noqa: E402
 
 import gradwatch  # noqa: E402
-from gradwatch.adapters.torch import TorchWatch  # noqa: E402
 from gradwatch.guard import FindingError, GradwatchWarning  # noqa: E402
 
 
@@ -39,7 +39,8 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
 def test_close_removes_every_hook_is_idempotent_and_model_pickles() -> None:
     model = nn.Sequential(
         nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=32, batch_first=True),
-        nn.Flatten(), nn.Linear(32 * 3, 1),
+        nn.Flatten(),
+        nn.Linear(32 * 3, 1),
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     before = _hook_count(model)

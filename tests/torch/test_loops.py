@@ -17,8 +17,12 @@ from gradwatch.guard import GradwatchWarning  # noqa: E402
 
 
 def _watch(model: nn.Module, opt: torch.optim.Optimizer | None = None, **kw: object):
-    kwargs: dict[str, object] = {"grad_schedule": EVERY_STEP, "activation_schedule": EVERY_STEP,
-                                 "on_finding": "ignore", "show": False}
+    kwargs: dict[str, object] = {
+        "grad_schedule": EVERY_STEP,
+        "activation_schedule": EVERY_STEP,
+        "on_finding": "ignore",
+        "show": False,
+    }
     kwargs.update(kw)
     return gradwatch.watch(model, opt, **kwargs)  # type: ignore[arg-type]
 
@@ -98,15 +102,13 @@ def test_gradient_accumulation_matches_unaccumulated_reference() -> None:
             for p in ref.parameters():
                 p -= 0.01 * p.grad
         ref.zero_grad()
-        for half in (x[:16], x[16:]), (y[:16], y[16:]):
-            pass
         for xb, yb in ((x[:16], y[:16]), (x[16:], y[16:])):
             (nn.functional.mse_loss(model(xb), yb) / 2).backward()
         opt.step()
         opt.zero_grad()
     gw.close()
     assert len(seen) == 5  # one step per optimizer.step(), not per backward
-    for s, want in zip(seen, ref_norms):
+    for s, want in zip(seen, ref_norms, strict=True):
         assert list(s.grad_norm) == pytest.approx(want, rel=1e-4)
 
 
@@ -175,7 +177,7 @@ def test_inplace_relu_is_observed_and_training_unchanged() -> None:
         nn.functional.mse_loss(twin(x), y).backward()
         twin_opt.step()
         twin_opt.zero_grad()
-    for a, b in zip(model.parameters(), twin.parameters()):
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

@@ -97,8 +97,9 @@ def test_batchnorm_residual_cnn_is_quiet() -> None:
     y = torch.randint(0, 4, (16,))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     every = gradwatch.adapters.torch.every(1)
-    gw = gradwatch.watch(model, opt, on_finding="warn", grad_schedule=every,
-                         activation_schedule=every, show=False)
+    gw = gradwatch.watch(
+        model, opt, on_finding="warn", grad_schedule=every, activation_schedule=every, show=False
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradwatchWarning)
         for _ in range(40):
@@ -115,17 +116,20 @@ def test_batchnorm_residual_cnn_is_quiet() -> None:
 def test_transformer_encoder_layer_is_quiet_and_its_functional_relu_is_observed() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True,
-                                   dropout=0.0),
-        nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True,
-                                   dropout=0.0),
+        nn.TransformerEncoderLayer(
+            d_model=32, nhead=4, dim_feedforward=64, batch_first=True, dropout=0.0
+        ),
+        nn.TransformerEncoderLayer(
+            d_model=32, nhead=4, dim_feedforward=64, batch_first=True, dropout=0.0
+        ),
     )
     x = torch.randn(8, 10, 32)
     target = torch.randn(8, 10, 32)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     every = gradwatch.adapters.torch.every(1)
-    gw = gradwatch.watch(model, opt, on_finding="warn", grad_schedule=every,
-                         activation_schedule=every, show=False)
+    gw = gradwatch.watch(
+        model, opt, on_finding="warn", grad_schedule=every, activation_schedule=every, show=False
+    )
     seen: list[str] = []
     original = gw.analyzer.observe_stats
 

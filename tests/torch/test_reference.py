@@ -9,17 +9,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from torch import nn  # noqa: E402
-from torch_helpers import EVERY_STEP, mlp, record_stats  # noqa: E402
-
-import gradwatch  # noqa: E402
-from gradwatch.activations import activation_stats_from_array, tail_bounds  # noqa: E402
 from gradwatch.adapters.torch import (  # noqa: E402
     activation_stats_on_device,
     grad_stats_on_device,
     strip_wrapper_prefixes,
     unit_axis_of,
 )
+from torch import nn  # noqa: E402
+from torch_helpers import EVERY_STEP, mlp, record_stats  # noqa: E402
+
+import gradwatch  # noqa: E402
+from gradwatch.activations import activation_stats_from_array, tail_bounds  # noqa: E402
 from gradwatch.reduce import grad_stats_from_array  # noqa: E402
 
 
@@ -29,8 +29,12 @@ def _naive(g: torch.Tensor) -> tuple[float, float, float, float, int, int]:
 
 def test_fused_grad_stats_match_numpy_reference() -> None:
     gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(7, 5, generator=gen), torch.randn(3, generator=gen) * 1e-6,
-             torch.zeros(4, 4), torch.randn(2, 3, 4, generator=gen)]
+    grads = [
+        torch.randn(7, 5, generator=gen),
+        torch.randn(3, generator=gen) * 1e-6,
+        torch.zeros(4, 4),
+        torch.randn(2, 3, 4, generator=gen),
+    ]
     grads[3][0, 0, :2] = 0.0
     out = grad_stats_on_device(grads).double().numpy()
     for j, g in enumerate(grads):
@@ -55,9 +59,14 @@ def test_fused_grad_stats_flag_nonfinite() -> None:
 def test_activation_stats_match_numpy_reference(kind: str, shape: tuple[int, ...]) -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, generator=gen) * 4 - 1
-    fn = {"relu": torch.relu, "relu6": nn.functional.relu6, "sigmoid": torch.sigmoid,
-          "tanh": torch.tanh, "gelu": nn.functional.gelu,
-          "hard_sigmoid": nn.functional.hardsigmoid}[kind]
+    fn = {
+        "relu": torch.relu,
+        "relu6": nn.functional.relu6,
+        "sigmoid": torch.sigmoid,
+        "tanh": torch.tanh,
+        "gelu": nn.functional.gelu,
+        "hard_sigmoid": nn.functional.hardsigmoid,
+    }[kind]
     y = fn(x)
     axis = unit_axis_of(y)
     if kind in ("relu", "relu6"):
@@ -74,14 +83,23 @@ def test_watch_step_stats_match_naive_reference_on_a_real_step() -> None:
     model = mlp(nn.ReLU, depth=3, width=16)
     model[0].weight.requires_grad_(False)  # frozen: must be absent
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    gw = gradwatch.watch(model, opt, grad_schedule=EVERY_STEP, activation_schedule=EVERY_STEP,
-                         on_finding="ignore", show=False)
+    gw = gradwatch.watch(
+        model,
+        opt,
+        grad_schedule=EVERY_STEP,
+        activation_schedule=EVERY_STEP,
+        on_finding="ignore",
+        show=False,
+    )
     seen = record_stats(gw)
     x = torch.randn(20, 32)
     acts: dict[str, np.ndarray] = {}
-    handles = [model[i].register_forward_hook(
-        lambda m, a, out, i=i: acts.__setitem__(str(i), out.detach().numpy().copy()))
-        for i in (1, 3, 5)]
+    handles = [
+        model[i].register_forward_hook(
+            lambda m, a, out, i=i: acts.__setitem__(str(i), out.detach().numpy().copy())
+        )
+        for i in (1, 3, 5)
+    ]
     model(x).pow(2).mean().backward()
     expected = {n: _naive(p.grad) for n, p in model.named_parameters() if p.grad is not None}
     opt.step()

@@ -6,10 +6,10 @@ import math
 from collections.abc import Callable
 
 import torch
+from gradwatch.adapters.torch import TorchWatch, every
 from torch import nn
 
 import gradwatch
-from gradwatch.adapters.torch import TorchWatch, every
 from gradwatch.stats import StepStats
 
 EVERY_STEP = every(1)
