@@ -98,7 +98,7 @@ class VanishingGradient(Rule):
         decay, rms_ratio = _rms_decay(rms)
         by_decay = (
             depth >= self.min_decay_depth
-            and decay < min(self.decay_per_layer * relax ** 0.25, 1.0)
+            and decay < min(self.decay_per_layer * relax**0.25, 1.0)
             and rms_ratio < min(self.decay_ratio * relax, 1.0)
         )
         if not (by_norm or by_mean or by_decay):
@@ -150,4 +150,3 @@ def _rms_decay(rms: np.ndarray) -> tuple[float, float]:
     slope = float(np.polyfit(index, logs, 1)[0])
     ratio = float(rms[0] / rms[-1]) if positive[0] else 0.0
     return 10.0 ** (-slope), ratio
-
