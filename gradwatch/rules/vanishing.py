@@ -104,14 +104,12 @@ class VanishingGradient(Rule):
         if not (by_norm or by_mean or by_decay):
             return None
         if by_norm or by_mean:
-            affected = tuple(
-                view.columns[i] for i in live[:-1] if norm[i] / norm[last] < ratio_limit
-            ) or (view.columns[first],)
+            names = [view.columns[i] for i in live[:-1] if norm[i] / norm[last] < ratio_limit]
         else:
             # Name the layers more than sqrt(decay_ratio) below the last one.
             cut = rms[-1] * np.sqrt(self.decay_ratio)
-            affected = tuple(view.columns[live[i]] for i in range(depth - 1) if rms[i] < cut)
-            affected = affected or (view.columns[first],)
+            names = [view.columns[live[i]] for i in range(depth - 1) if rms[i] < cut]
+        affected = tuple(names) if names else (view.columns[first],)
         evidence = {
             "first_last_norm_ratio": ratio,
             "first_layer_norm": float(norm[first]),
