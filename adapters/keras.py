@@ -603,16 +603,16 @@ class GradWatchCallback(keras.callbacks.Callback):
         probe, analyzer = self._probe, self.analyzer
         if probe is None or analyzer is None:
             return
-        steps = np.asarray(ops.convert_to_numpy(probe.steps.value))
+        steps = _to_host(probe.steps)
         fresh = np.flatnonzero(steps[:, 0] > self._last_read)
         if fresh.size == 0:
             return
         fresh = fresh[np.argsort(steps[fresh, 0])]
         if probe.grads is None:
             return
-        grads = np.asarray(ops.convert_to_numpy(probe.grads.value), dtype=np.float64)
+        grads = _to_host(probe.grads).astype(np.float64)
         acts = (
-            np.asarray(ops.convert_to_numpy(probe.acts.value), dtype=np.float64)
+            _to_host(probe.acts).astype(np.float64)
             if probe.acts is not None
             else None
         )
@@ -686,6 +686,15 @@ class GradWatchCallback(keras.callbacks.Callback):
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _to_host(variable: keras.Variable) -> np.ndarray:
+    """One device-to-host copy of a probe variable (tf.Tensor or torch.Tensor)."""
+    value = variable.value
+    detach = getattr(value, "detach", None)
+    if callable(detach):  # torch
+        value = detach().cpu()
+    return np.asarray(value.numpy())
 
 
 def _layer_name(layer: keras.layers.Layer) -> str:
