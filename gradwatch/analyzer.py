@@ -33,8 +33,10 @@ from gradwatch.window import Window
 GRAD_METRICS = ("norm", "max_abs", "mean_abs", "zero_frac", "nonfinite", "numel")
 ACT_METRICS = ("inactive", "dead", "tail")
 RUN_METRICS = ("total_norm", "skipped")
-# Steps after warm-up whose median total norm is the "healthy" baseline for clipping advice.
-_BASELINE_STEPS = 20
+# The first steps with a finite gradient give the run's reference scale, the smallest
+# of them: an explosion can start at step 1, and a reference set too low only makes
+# advice conservative, while one set too high hides the explosion.
+_BASELINE_STEPS = 5
 
 
 def module_of(name: str) -> str:
@@ -206,8 +208,9 @@ class Analyzer:
             weight = np.where(g_numel > 0, g_numel, 1.0)
             g_mean = np.bincount(idx, np.asarray(s.grad_mean_abs) * numel, n) / weight
             g_zero = np.bincount(idx, np.asarray(s.grad_zero_frac) * numel, n) / weight
+        # fmax ignores NaN: an adapter may pass NaN max for a tensor holding NaN/Inf.
         g_max = np.zeros(n)
-        np.maximum.at(g_max, idx, np.asarray(s.grad_max_abs, dtype=np.float64))
+        np.fmax.at(g_max, idx, np.asarray(s.grad_max_abs, dtype=np.float64))
         g_nonfinite = np.bincount(idx, np.asarray(s.grad_nonfinite, dtype=np.float64), n)
         self._grads.push(
             s.step,
@@ -245,11 +248,11 @@ class Analyzer:
         )
 
     def _baseline_norm(self) -> float | None:
-        return float(np.median(self._baseline)) if len(self._baseline) >= 5 else None
+        return float(np.min(self._baseline)) if self._baseline else None
 
     def _judge(self, step: int) -> None:
         self._since_check += 1
-        if len(self._baseline) < _BASELINE_STEPS and self._n_steps > 10:
+        if len(self._baseline) < _BASELINE_STEPS:
             total = float(self._run.view(last=1)["total_norm"][-1, 0])
             if math.isfinite(total):
                 self._baseline.append(total)
@@ -352,7 +355,8 @@ class Analyzer:
             i = self._totals.columns.index[name]
             steps = int(d["steps"][i])
             count = d["log_norm_count"][i]
-            typical = float(10 ** (d["log_norm_sum"][i] / count)) if count else math.nan
+            # Norms that were exactly 0 all run (float32 underflow, dead layers) are 0.
+            typical = float(10 ** (d["log_norm_sum"][i] / count)) if count else 0.0
             out.append(
                 LayerSummary(
                     name=name,

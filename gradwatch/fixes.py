@@ -82,7 +82,7 @@ def clipping_fix(max_norm: float, calibrated: bool) -> Fix:
     """``gradient_clipping`` with a suggested max-norm from the run's own norms."""
     shown = f"{max_norm:.3g}"
     why = (
-        "twice the median gradient norm of the healthy steps"
+        "twice the gradient norm of the first, healthy steps"
         if calibrated
         else "a common default; no healthy steps were seen to calibrate on"
     )

@@ -31,8 +31,8 @@ SCHEMA_VERSION = 1
 class LayerSummary:
     """Whole-run gradient statistics of one layer group (a module).
 
-    ``typical_norm`` is the geometric mean of the per-step norms; ``NaN`` when the
-    layer never had a positive finite gradient.
+    ``typical_norm`` is the geometric mean of the positive finite per-step norms; ``0``
+    when the layer's gradient was never positive and finite.
     """
 
     name: str

@@ -47,8 +47,8 @@ class RuleContext:
         act_is_output: whether each column of ``acts`` is the model's output.
         run: per-step totals, one column ``"run"``: ``total_norm``, ``skipped``.
         active: whether this rule's finding is in an active episode (hysteresis).
-        baseline_total_norm: median total gradient norm of the first checked steps,
-            or ``None`` before there is one.
+        baseline_total_norm: smallest total gradient norm of the first 5 steps with a
+            finite gradient (the scale at initialization), or ``None`` before there is one.
         hidden_kinds: the activation kinds seen on non-output layers so far.
         new_steps: steps observed since the previous check (``check_every`` apart).
     """

@@ -25,7 +25,9 @@ class ExplodingGradient(Rule):
       ``ratio_threshold`` times the last group's (AUTOTRAINER's rule: backprop
       amplifies the signal layer after layer);
     * **across steps**: the median total norm of the newest quarter of the window is
-      more than ``growth_factor`` times the median of its oldest quarter.
+      more than ``growth_factor`` times the median of its oldest quarter, or than the
+      run's initial norm (an explosion inside the first steps leaves no healthy
+      window to compare with).
 
     Args:
         ratio_threshold: first/last norm ratio above which gradients explode.
@@ -61,10 +63,12 @@ class ExplodingGradient(Rule):
         total = total[np.isfinite(total)]
         growth = 1.0
         quarter = max(1, self.window // 4)
-        if total.size >= 2 * quarter:
-            early = float(np.median(total[:quarter]))
+        baseline = ctx.baseline_total_norm
+        if total.size >= quarter:
             late = float(np.median(total[-quarter:]))
-            growth = late / early if early > 0 else (math.inf if late > 0 else 1.0)
+            early = float(np.median(total[:quarter])) if total.size >= 2 * quarter else late
+            references = [r for r in (early, baseline) if r is not None and r > 0]
+            growth = max((late / r for r in references), default=1.0)
         by_layers = layer_ratio > self.ratio_threshold / relax
         by_steps = growth > self.growth_factor / relax
         if not (by_layers or by_steps):
@@ -79,17 +83,16 @@ class ExplodingGradient(Rule):
         else:
             affected = tuple(view.columns[i] for i in live)
             message = (
-                f"The total gradient norm grew {growth:.3g}x within {self.window} steps "
+                f"The total gradient norm grew {growth:.3g}x above its healthy level "
                 f"and is heading for Inf/NaN."
             )
         latest = float(total[-1]) if total.size else math.nan
         evidence = {
             "first_last_norm_ratio": layer_ratio,
-            "norm_growth_in_window": growth,
+            "norm_growth": growth,
             "total_norm": latest,
             "max_layer_norm": float(np.nanmax(norm[live])) if live.size else math.nan,
         }
-        baseline = ctx.baseline_total_norm
         calibrated = by_steps and not by_layers and baseline is not None and baseline > 0
         max_norm = 2.0 * baseline if calibrated and baseline is not None else _DEFAULT_MAX_NORM
         evidence["suggested_max_norm"] = max_norm

@@ -66,7 +66,10 @@ class NonfiniteGradient(Rule):
         totals = ctx.run["total_norm"][:, 0]
         finite_totals = totals[np.isfinite(totals)]
         last_finite = float(finite_totals[-1]) if finite_totals.size else math.nan
+        # The run's initial scale, or failing that the first finite norm in the window.
         baseline = ctx.baseline_total_norm
+        if baseline is None and finite_totals.size:
+            baseline = float(finite_totals[0])
         exploded = (
             baseline is not None and baseline > 0 and last_finite > self.explosion_factor * baseline
         )

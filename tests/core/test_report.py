@@ -12,7 +12,7 @@ from rich.console import Console
 from gradwatch import Finding, Fix, LayerSummary, Report
 from gradwatch.report import FlowHistory
 
-import math
+
 def sample_report() -> Report:
     return Report(
         findings=(

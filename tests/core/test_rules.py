@@ -142,6 +142,17 @@ def test_exploding_across_steps_suggests_clipping_calibrated_on_healthy_norms():
     assert f"{f.evidence['suggested_max_norm']:.3g}" in f.fixes[0].text
 
 
+
+def test_explosion_inside_the_warm_up_is_caught_against_the_initial_norm():
+    # Norms jump 1e5x at step 4 and stay there: no healthy window exists after warm-up.
+    def make(step: int, rng: np.random.Generator):
+        scale = 1.0 if step < 4 else 1e5
+        return grad_step(step, noisy([0.5 * scale, 1.0 * scale], rng, 0.1))
+
+    f = run(60, make).report().by_rule("exploding_gradient")
+    assert f is not None and f.fixes[0].id == "gradient_clipping"
+    assert f.evidence["suggested_max_norm"] == pytest.approx(2 * np.hypot(0.5, 1.0), rel=0.2)
+
 def test_exploding_borderline_layer_ratio():
     assert "exploding_gradient" not in rule_ids(run(60, lambda s, r: grad_step(s, [60.0, 1.0])))
     assert "exploding_gradient" in rule_ids(run(60, lambda s, r: grad_step(s, [80.0, 1.0])))
@@ -213,7 +224,7 @@ def _relu_run(dead: float, steps: int = 60, output_dead: float = 0.0, **kw):
 def test_dead_relu_fires_on_a_mostly_dead_layer():
     f = _relu_run(0.8).report().by_rule("dead_relu")
     assert f is not None and f.layers == ("act0",)
-    assert [x.id for x in f.fixes][0] == "leaky_relu"
+    assert f.fixes[0].id == "leaky_relu"
     assert f.evidence["dead_unit_fraction"] == pytest.approx(0.8)
 
 

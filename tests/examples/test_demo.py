@@ -10,10 +10,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-from gradwatch.demo import NetSpec, next_spec, run_demo  # noqa: E402
-from gradwatch.report import Report  # noqa: E402
+from gradwatch.demo import NetSpec, next_spec, run_demo
+from gradwatch.report import Report
 
 
 def test_demo_diagnoses_vanishing_then_the_fix_trains_better(tmp_path):
