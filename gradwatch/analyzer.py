@@ -259,7 +259,8 @@ class Analyzer:
         if self._since_check < self.check_every:
             return
         new_steps, self._since_check = self._since_check, 0
-        warm = [r for r in self.rules if self._n_steps > r.warmup_steps]
+        # Warm-up counts steps, not observations, so sampled statistics age the same way.
+        warm = [r for r in self.rules if step - self._first_step >= r.warmup_steps]
         if not warm:
             return
         run = self._run.view()

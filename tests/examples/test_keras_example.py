@@ -1,0 +1,30 @@
+"""The Keras example runs in its fast mode and shows the vanishing gradient it promises.
+
+Runs in the keras tox environments (tests/examples/ as a whole runs in the torch one).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("keras")
+pytest.importorskip("sklearn")
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "keras_callback.py"
+
+
+def test_keras_example_reports_vanishing():
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--steps", "100"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "vanishing_gradient" in out.stdout
