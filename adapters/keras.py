@@ -370,7 +370,13 @@ class GradWatchCallback(keras.callbacks.Callback):
             self._uninstall()
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if self._probe is None or not self._guard.enabled:
+        if self._probe is None:
+            return
+        if not self._guard.enabled:
+            # An error (maybe while the step was traced) switched monitoring off: stop
+            # paying for it too.
+            self.restore()
+            self._probe = None
             return
         self._batches_since_flush += 1
         if self._batches_since_flush < self._flush_calls:
@@ -406,6 +412,13 @@ class GradWatchCallback(keras.callbacks.Callback):
 
     def _install(self) -> None:
         model = self.model
+        if keras.backend.backend() not in ("tensorflow", "torch"):
+            # JAX trains through optimizer.stateless_apply inside a pure function; the
+            # probe variables would need threading through its state. Not supported yet.
+            raise NotImplementedError(
+                f"GradWatchCallback supports the tensorflow and torch backends, not "
+                f"{keras.backend.backend()!r}"
+            )
         optimizer = getattr(model, "optimizer", None)
         if optimizer is None:
             raise ValueError("the model has no optimizer; call model.compile() before fit()")
@@ -675,7 +688,10 @@ class GradWatchCallback(keras.callbacks.Callback):
             return
         text = f"gradwatch {finding.rule} (step {finding.first_step}): {finding.message}"
         if mode == "raise" and not final:
+            # fit will not reach on_train_end: restore and keep the report now.
             self.restore()
+            if self.analyzer is not None:
+                self.report = self.analyzer.report()
             raise FindingError(finding)
         if mode == "stop" and not final:
             self.model.stop_training = True

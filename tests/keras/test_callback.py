@@ -358,3 +358,25 @@ def test_lazy_reexport_and_report_printed_at_train_end(capsys) -> None:
     assert cb.report is not None
     assert "gradwatch" in out
     assert out.rstrip().endswith(cb.report.render(width=80).rstrip().splitlines()[-1].rstrip())
+
+
+def test_loss_scale_overflow_counts_skipped_steps_not_nan_gradients() -> None:
+    model = keras.Sequential(
+        [keras.Input((16,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)]
+    )
+    # A loss of ~1e6 times the largest float32 power of two overflows: the scaler skips
+    # those steps and halves its scale each time (~20 times before the loss fits).
+    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(1e-9), initial_scale=2.0**127)
+    model.compile(optimizer=opt, loss="mse")
+    x, _ = data(n=256)
+    y = np.full((256, 1), 1e3, "float32")
+    cb = _cb()
+    fit(model, [cb], xy=(x, y))  # 16 steps
+    finding = cb.report.by_rule("nonfinite_gradient")
+    assert finding is not None, cb.report.render()
+    assert finding.evidence["skipped_steps_in_window"] >= 8
+    assert finding.evidence["nonfinite_entries"] == 0
+    # Exactly the steps the scaler skipped: it halved its scale once per skip.
+    halvings = 127 - np.log2(float(keras.ops.convert_to_numpy(opt.dynamic_scale.value)))
+    assert finding.evidence["skipped_steps_in_window"] == halvings
+    assert all(layer.nonfinite == 0 for layer in cb.report.layers)
