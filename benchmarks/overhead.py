@@ -6,8 +6,9 @@ of the model in the same process, interleaved A B A B after warm-up
 (see ``benchmarks/_timing.py``). Targets: defaults <= 1.03x, every-step gradient and
 activation statistics <= 1.15x.
 
-Structure: ``torch_rows()`` returns the tables for PyTorch; ``main()`` prints them. A
-Keras section can be added next to it.
+``main()`` prints the PyTorch tables (``torch_rows()``), then the Keras table
+(``overhead_keras.py`` in a subprocess, TensorFlow backend), the layer-count scaling
+(``scaling.py``) and the long-run memory check (``memory.py``).
 """
 
 from __future__ import annotations
@@ -163,14 +164,42 @@ def torch_rows(*, quick: bool = False, cnn: bool = True) -> list[str]:
     return tables
 
 
+def keras_table() -> str:
+    """The Keras rows, measured in a subprocess: Keras fixes its backend at import."""
+    import subprocess
+
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "overhead_keras.py")
+    out = subprocess.run(
+        [sys.executable, script], capture_output=True, text=True, env=env, check=False
+    )
+    if out.returncode != 0:
+        return f"### Keras\n\nnot measured: {out.stderr.strip().splitlines()[-1:]}"
+    return out.stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> None:
+    import importlib.util
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
     parser.add_argument("--no-cnn", action="store_true", help="skip the CNN table")
+    parser.add_argument("--torch-only", action="store_true", help="skip Keras, scaling, memory")
     args = parser.parse_args(argv)
     for table in torch_rows(quick=args.quick, cnn=not args.no_cnn):
         print(table)
         print()
+    if args.torch_only:
+        return
+    if importlib.util.find_spec("keras") is not None:
+        print(keras_table())
+        print()
+    import memory
+    import scaling
+
+    print(scaling.rows(rounds=6 if args.quick else 15))
+    print()
+    print(memory.rows())
 
 
 if __name__ == "__main__":
