@@ -49,9 +49,8 @@ from gradwatch.findings import Finding
 from gradwatch.guard import FindingError, GradwatchWarning, Guard
 from gradwatch.report import Report
 from gradwatch.rules import DEFAULT_RULES, Rule
+from gradwatch.schedules import Schedule, every
 from gradwatch.stats import StepStats
-
-Schedule = Callable[[int], bool]
 
 # Wrapper prefixes that are not part of the user's layer names: DDP adds "module.",
 # torch.compile's OptimizedModule adds "_orig_mod.".
@@ -68,33 +67,6 @@ _ACT_ROWS = 3
 
 
 # --- schedules ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class every:
-    """Schedule ``step -> bool``: every step below ``dense_until``, then every ``k``-th.
-
-    Args:
-        k: period after the dense phase. Must be ``>= 1``.
-        dense_until: steps at the start that are all sampled. Defaults to ``0``.
-
-    Example:
-        >>> s = every(10, dense_until=3)
-        >>> [i for i in range(25) if s(i)]
-        [0, 1, 2, 10, 20]
-    """
-
-    k: int
-    dense_until: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"every(k=...) must be an integer >= 1, got {self.k!r}")
-        if isinstance(self.dense_until, bool) or not isinstance(self.dense_until, int):
-            raise ValueError(f"every(dense_until=...) must be an integer, got {self.dense_until!r}")
-
-    def __call__(self, step: int) -> bool:
-        return step < self.dense_until or step % self.k == 0
 
 
 # Dense for the first 50 steps so every rule (warm-up 10 + persistence 10, see
@@ -780,14 +752,7 @@ def _group_params(live: Sequence[tuple[int, torch.Tensor | None]]) -> list[_Grad
 
 
 def _print_report(report: Report) -> None:
-    width = min(100, shutil.get_terminal_size((80, 24)).columns)
-    try:
-        text = report.render(width=width)
-    except ImportError:  # the renderer is optional at this stage of the core
-        lines = [f"gradwatch: {report.steps_observed} steps observed"]
-        lines += [f"  [{f.severity}] {f.rule}: {f.message}" for f in report.findings]
-        text = "\n".join(lines)
-    print(text)
+    print(report.render(width=min(100, shutil.get_terminal_size((80, 24)).columns)))
 
 
 def watch(

@@ -22,6 +22,7 @@ from gradwatch.fixes import Fix
 from gradwatch.guard import FindingError, GradwatchWarning
 from gradwatch.report import LayerSummary, Report
 from gradwatch.rules import DEFAULT_RULES, RULE_IDS
+from gradwatch.schedules import every
 from gradwatch.stats import StepStats
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,6 +44,7 @@ __all__ = [
     "Report",
     "StepStats",
     "__version__",
+    "every",
     "module_of",
     "watch",
 ]
