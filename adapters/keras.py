@@ -270,11 +270,13 @@ class GradWatchCallback(keras.callbacks.Callback):
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
         ...                           keras.layers.Dense(1)])
         >>> model.compile(optimizer="sgd", loss="mse")
-        >>> cb = gradwatch.GradWatchCallback(verbose=0)
+        >>> cb = gradwatch.GradWatchCallback(sample_every=1, verbose=0)
         >>> x, y = np.random.rand(64, 4), np.random.rand(64, 1)
         >>> _ = model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[cb])
-        >>> cb.report.steps_observed
-        8
+        >>> cb.report.steps_observed, cb.report.healthy
+        (8, True)
+        >>> cb.last_step_stats.grad_layers[0]
+        'sequential/dense/kernel'
     """
 
     def __init__(
