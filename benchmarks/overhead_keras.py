@@ -80,8 +80,9 @@ def measure(rounds: int = 6, steps_per_fit: int = 40) -> list[tuple[str, float]]
     cb = GradWatchCallback(verbose=0, on_finding="ignore")
 
     def fit(timer: _StepTimer, extra: list[Any]) -> None:
-        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False,
-                  callbacks=[*extra, timer])
+        model.fit(
+            x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[*extra, timer]
+        )
 
     # Warm-up: trace both variants once.
     fit(_StepTimer(), [])
@@ -100,8 +101,10 @@ def measure(rounds: int = 6, steps_per_fit: int = 40) -> list[tuple[str, float]]
 
 def main() -> None:
     rows = measure()
-    print(f"Keras {keras.__version__}, backend {keras.backend.backend()}, "
-          f"{DEPTH}x{WIDTH} ReLU MLP, batch {BATCH}, SGD")
+    print(
+        f"Keras {keras.__version__}, backend {keras.backend.backend()}, "
+        f"{DEPTH}x{WIDTH} ReLU MLP, batch {BATCH}, SGD"
+    )
     print()
     print("| measurement | value |")
     print("|---|---|")
