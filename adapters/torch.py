@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import shutil
 import warnings
 import weakref
@@ -79,22 +80,38 @@ DEFAULT_ACTIVATION_SCHEDULE: Schedule = every(10, dense_until=50)
 # --- device-side reductions -----------------------------------------------------------
 
 
+# At or below this many entries a gradient is launch-bound, not bandwidth-bound:
+# groups of such tensors are reduced together in one flat pass (cat + index_add)
+# instead of ~4 kernels each. benchmarks/scaling.py: with 500 layers of width 32
+# the per-tensor path spent ~1 ms per step on kernel launches alone.
+SMALL_GRAD_NUMEL = 16_384
+# The flat pass pays ~15 fixed ops, so it only helps from a handful of tensors on.
+_FLAT_MIN_TENSORS = 4
+
+
 def grad_stats_on_device(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """Gradient statistics of dense tensors sharing one device and dtype, on that device.
 
     Returns a ``(5, len(grads))`` float32 tensor with rows: L2 norm, max |g|, sum |g|,
-    number of non-zero entries, and a flag that is 1 when the tensor holds any NaN/Inf.
-    Nothing is copied to the host. The L2 norm is one fused ``torch._foreach_norm``.
+    number of non-zero entries, and non-finite entries. Nothing is copied to the host.
 
-    With non-finite entries the norm, max and sum are Inf/NaN (the analyzer treats such
-    a norm as unknown) and the flag is 1, a lower bound of the count: an exact count
-    would cost one more pass over every gradient on every step.
+    Two paths, same results: many small tensors are concatenated and reduced in one
+    flat pass (the non-finite row is then an exact count); otherwise the L2 norm is
+    one fused ``torch._foreach_norm`` and the rest are per-tensor kernels, and the
+    non-finite row is a 0/1 flag per tensor, a lower bound of the count (an exact
+    count would cost one more pass over every large gradient on every step). With
+    non-finite entries the norm, max and sum are Inf/NaN; the analyzer treats such a
+    norm as unknown.
 
     Example:
         >>> grad_stats_on_device([torch.tensor([3.0, -4.0, 0.0])])[:, 0].tolist()
         [5.0, 4.0, 7.0, 2.0, 0.0]
     """
     with torch.no_grad():
+        if len(grads) >= _FLAT_MIN_TENSORS and all(
+            g.numel() <= SMALL_GRAD_NUMEL for g in grads
+        ):
+            return _flat_grad_stats(grads)
         norms = torch.stack(torch._foreach_norm(list(grads))).float()
         extremes = [torch.aminmax(g) for g in grads]
         max_abs = torch.maximum(
@@ -108,6 +125,27 @@ def grad_stats_on_device(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.stack([norms, max_abs, abs_sum, nonzero, nonfinite])
 
 
+def _flat_grad_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The one-pass path of :func:`grad_stats_on_device` for many small tensors."""
+    device = grads[0].device
+    segment = _segment_ids(tuple(g.numel() for g in grads), str(device))
+    flat = torch.cat([g.reshape(-1) for g in grads]).float()
+    a = flat.abs()
+    features = torch.stack([a * a, a, (flat != 0).float(), (~torch.isfinite(flat)).float()])
+    sums = torch.zeros(4, len(grads), device=device).index_add_(1, segment, features)
+    max_abs = torch.zeros(len(grads), device=device).scatter_reduce_(
+        0, segment, a, "amax", include_self=True
+    )
+    return torch.stack([sums[0].sqrt(), max_abs, sums[1], sums[2], sums[3]])
+
+
+@functools.lru_cache(maxsize=32)
+def _segment_ids(sizes: tuple[int, ...], device: str) -> torch.Tensor:
+    """``[0]*sizes[0] + [1]*sizes[1] + ...`` on ``device``, cached per layout."""
+    counts = torch.tensor(sizes)
+    return torch.repeat_interleave(torch.arange(len(sizes)), counts).to(device)
+
+
 def unit_axis_of(output: torch.Tensor) -> int:
     """The feature/channel axis of an activation output: ``1`` for NCHW/NCDHW conv
     maps (4-D, 5-D), else the last axis (``(N, C)``, transformer ``(N, L, E)``).
@@ -118,46 +156,71 @@ def unit_axis_of(output: torch.Tensor) -> int:
     return 1 if output.dim() >= 4 else -1
 
 
+def activation_reductions_on_device(
+    output: torch.Tensor, kind: str, unit_axis: int, bounds: tuple[float, float]
+) -> list[torch.Tensor]:
+    """The few device reductions an activation sample needs; the fractions are finished
+    on the host by :func:`activation_fractions` after the flush.
+
+    In order, only where the kind needs them: the count of active outputs (``> 0``),
+    the count of outputs in the flat tails, and each unit's sum over the batch (ReLU
+    outputs are ``>= 0``, so a unit whose sum is 0 never fired). Two or three kernels
+    per sample instead of a dozen: per-sample Python overhead dominated
+    benchmarks/scaling.py before.
+    """
+    with torch.no_grad():
+        y = output.detach()
+        parts: list[torch.Tensor] = []
+        if kind not in SQUASHING:
+            # ReLU/ReLU6 outputs are >= 0, so active is nonzero: no comparison needed.
+            parts.append(torch.count_nonzero(y if kind in CAN_DIE else y > 0))
+        if kind in CAN_SATURATE:
+            lo, hi = bounds
+            parts.append(torch.count_nonzero((y <= lo) | (y >= hi)))
+        if kind in CAN_DIE and y.dim() > 1:
+            axis = unit_axis % y.dim()
+            dims = tuple(d for d in range(y.dim()) if d != axis)
+            parts.append(y.sum(dim=dims, dtype=torch.float32))
+        return parts
+
+
+def activation_fractions(values: np.ndarray, kind: str, numel: int) -> tuple[float, float, float]:
+    """``(inactive_frac, dead_frac, tail_frac)`` from :func:`activation_reductions_on_device`
+    values, concatenated and copied to the host."""
+    n = max(1, numel)
+    at = 0
+    inactive = dead = tail = 0.0
+    if kind not in SQUASHING:  # tanh is negative half the time: "inactive" means nothing
+        inactive = 1.0 - float(values[0]) / n
+        at = 1
+    if kind in CAN_SATURATE:
+        tail = float(values[at]) / n
+        at += 1
+    if kind in CAN_DIE:
+        unit_sums = values[at:]
+        dead = float(np.mean(unit_sums <= 0)) if unit_sums.size else inactive
+    return inactive, dead, tail
+
+
 def activation_stats_on_device(
     output: torch.Tensor, kind: str, unit_axis: int, bounds: tuple[float, float]
 ) -> torch.Tensor:
-    """``(inactive_frac, dead_frac, tail_frac)`` of one activation output, on its device.
-
-    Same definitions as :func:`gradwatch.activations.activation_stats_from_array` (its
-    host reference): a unit is dead when it is ``<= 0`` for every sample of the batch.
+    """``(inactive_frac, dead_frac, tail_frac)`` of one activation output (reductions on
+    its device, then :func:`activation_fractions`). Same definitions as
+    :func:`gradwatch.activations.activation_stats_from_array`, its host reference.
 
     Example:
         >>> y = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
         >>> activation_stats_on_device(y, "relu", -1, (-float("inf"), float("inf"))).tolist()
         [0.5, 0.5, 0.0]
     """
-    with torch.no_grad():
-        y = output.detach()
-        n = max(1, y.numel())
-        zero = torch.zeros((), device=y.device, dtype=torch.float32)
-        if kind in SQUASHING:
-            inactive = zero  # tanh is negative half the time: "inactive" means nothing there
-        elif kind in CAN_DIE:
-            # ReLU/ReLU6 outputs are >= 0, so "<= 0" is "== 0": count_nonzero is the fast path.
-            inactive = 1.0 - torch.count_nonzero(y).float() / n
-        else:
-            inactive = (y <= 0).sum().float() / n
-        if kind in CAN_DIE:
-            if y.dim() <= 1:
-                dead = inactive
-            else:
-                axis = unit_axis % y.dim()
-                dims = tuple(d for d in range(y.dim()) if d != axis)
-                # Outputs are >= 0, so a unit's sum over the batch is 0 iff it never fired.
-                dead = (y.sum(dim=dims, dtype=torch.float32) <= 0).float().mean()
-        else:
-            dead = zero
-        if kind in CAN_SATURATE:
-            lo, hi = bounds
-            tail = ((y <= lo) | (y >= hi)).sum().float() / n
-        else:
-            tail = zero
-        return torch.stack([inactive.float(), dead.float(), tail.float()])
+    parts = activation_reductions_on_device(output, kind, unit_axis, bounds)
+    values = (
+        torch.cat([p.reshape(-1).double() for p in parts]).cpu().numpy()
+        if parts
+        else np.zeros(0)
+    )
+    return torch.tensor(activation_fractions(values, kind, output.numel()))
 
 
 def strip_wrapper_prefixes(name: str) -> str:
@@ -222,7 +285,9 @@ class _PendingStep:
     sparse_numel: dict[int, int] = field(default_factory=dict)
     act_names: list[str] = field(default_factory=list)
     act_kinds: list[str] = field(default_factory=list)
-    act_parts: list[torch.Tensor] = field(default_factory=list)
+    act_numel: list[int] = field(default_factory=list)
+    # Per activation, the raw reductions of activation_reductions_on_device.
+    act_parts: list[list[torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -331,7 +396,7 @@ class TorchWatch:
         self._backwards_since_step = 0
         self._act_sampling = False
         self._activations = activations
-        self._step_acts: dict[str, tuple[str, torch.Tensor]] = {}
+        self._step_acts: dict[str, tuple[str, int, list[torch.Tensor]]] = {}
         self._fwd_calls: dict[str, int] = {}
         self._fwd_last: tuple[int, str] | None = None
         self._output_acts: set[str] = set()
@@ -536,10 +601,11 @@ class TorchWatch:
         if self._grad_schedule(self.step_count):
             self._reduce_grads(pending)
         if self._step_acts:
-            for name, (kind, stats) in self._step_acts.items():
+            for name, (kind, numel, parts) in self._step_acts.items():
                 pending.act_names.append(name)
                 pending.act_kinds.append(kind)
-                pending.act_parts.append(stats)
+                pending.act_numel.append(numel)
+                pending.act_parts.append(parts)
             self._step_acts = {}
         if pending.grad_parts or pending.act_parts:
             self._pending.append(pending)
@@ -586,8 +652,10 @@ class TorchWatch:
         self._fwd_last = (id(output), name)
         if name in self._step_acts:
             return  # a later micro-batch of an accumulated step: the first one is the sample
-        stats = activation_stats_on_device(output, site.kind, unit_axis_of(output), site.bounds)
-        self._step_acts[name] = (site.kind, stats)
+        parts = activation_reductions_on_device(
+            output, site.kind, unit_axis_of(output), site.bounds
+        )
+        self._step_acts[name] = (site.kind, output.numel(), parts)
 
     def _on_root_output(self, output: Any) -> None:
         last = self._fwd_last
@@ -605,7 +673,8 @@ class TorchWatch:
             return
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for record in pending:
-            for t in (*record.grad_parts, *record.act_parts):
+            act_tensors = [t for parts in record.act_parts for t in parts]
+            for t in (*record.grad_parts, *act_tensors):
                 by_device.setdefault(t.device, []).append(t.reshape(-1))
         host: dict[torch.device, Iterator[np.ndarray]] = {}
         for device, parts in by_device.items():
@@ -643,7 +712,18 @@ class TorchWatch:
             )
         act_fields: dict[str, Any] = {}
         if record.act_parts:
-            acts = np.stack([next(host[t.device]) for t in record.act_parts])
+            acts = np.array(
+                [
+                    activation_fractions(
+                        np.concatenate([next(host[t.device]) for t in parts] or [np.zeros(0)]),
+                        kind,
+                        numel,
+                    )
+                    for parts, kind, numel in zip(
+                        record.act_parts, record.act_kinds, record.act_numel, strict=True
+                    )
+                ]
+            ).reshape(-1, _ACT_ROWS)
             act_fields = dict(
                 act_layers=tuple(record.act_names),
                 act_kinds=tuple(record.act_kinds),
@@ -820,7 +900,10 @@ def watch(
 __all__ = [
     "DEFAULT_ACTIVATION_SCHEDULE",
     "DEFAULT_GRAD_SCHEDULE",
+    "SMALL_GRAD_NUMEL",
     "TorchWatch",
+    "activation_fractions",
+    "activation_reductions_on_device",
     "activation_stats_on_device",
     "every",
     "grad_stats_on_device",

@@ -54,6 +54,36 @@ def test_fused_grad_stats_flag_nonfinite() -> None:
     assert not math.isfinite(out[0, 0]) and not math.isfinite(out[0, 1])
 
 
+def test_flat_path_for_many_small_gradients_matches_numpy_reference() -> None:
+    # Enough small tensors to take the one-pass path; NaN/Inf counted exactly there.
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(int(n), generator=gen) for n in (5, 1, 17, 64, 3, 200)]
+    grads[2][3] = 0.0
+    grads[4][1] = float("nan")
+    grads[4][2] = float("inf")
+    out = grad_stats_on_device(grads).double().numpy()
+    for j, g in enumerate(grads):
+        norm, max_abs, mean_abs, zero_frac, nonfinite, numel = _naive(g)
+        assert out[4, j] == nonfinite
+        assert 1.0 - out[3, j] / numel == pytest.approx(zero_frac)
+        if nonfinite == 0:
+            assert out[0, j] == pytest.approx(norm, rel=1e-5)
+            assert out[1, j] == pytest.approx(max_abs, rel=1e-6)
+            assert out[2, j] / numel == pytest.approx(mean_abs, rel=1e-5)
+        else:
+            assert not math.isfinite(out[0, j])
+
+
+def test_both_gradient_paths_agree() -> None:
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(40, generator=gen) for _ in range(6)]
+    flat = grad_stats_on_device(grads).double().numpy()
+    per_tensor = np.concatenate(
+        [grad_stats_on_device(grads[i : i + 2]).double().numpy() for i in range(0, 6, 2)], axis=1
+    )
+    np.testing.assert_allclose(flat, per_tensor, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["relu", "relu6", "sigmoid", "tanh", "gelu", "hard_sigmoid"])
 @pytest.mark.parametrize("shape", [(32, 16), (4, 6, 5, 5), (4, 7, 8)])
 def test_activation_stats_match_numpy_reference(kind: str, shape: tuple[int, ...]) -> None:
