@@ -122,6 +122,19 @@ def window_median(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def recent_rows(steps: np.ndarray, window: int, at_least: int) -> slice:
+    """The rows of a view that cover its newest ``window`` *steps*, but at least
+    ``at_least`` rows. With sparse sampling (e.g. every 10th step after the dense
+    start), ``window`` rows would reach back ``10 x window`` steps and a pathology that
+    starts mid-run would need ~100 steps to outvote the healthy rows; our zoo's
+    mid-run dead-ReLU scenario ended before that."""
+    n = int(steps.size)
+    if n == 0:
+        return slice(0, 0)
+    inside = int(np.count_nonzero(steps > steps[-1] - window))
+    return slice(n - max(inside, min(at_least, n)), None)
+
+
 def format_layers(layers: tuple[str, ...], limit: int = 3) -> str:
     """``"fc1, fc2 and 3 more"`` for messages."""
     if len(layers) <= limit:

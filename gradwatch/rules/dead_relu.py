@@ -8,7 +8,14 @@ import numpy as np
 
 from gradwatch.activations import CAN_DIE
 from gradwatch.fixes import Fix, fixes
-from gradwatch.rules.base import Rule, RuleContext, Symptom, format_layers, window_median
+from gradwatch.rules.base import (
+    Rule,
+    RuleContext,
+    Symptom,
+    format_layers,
+    recent_rows,
+    window_median,
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,9 @@ class DeadRelu(Rule):
         zero_grad_fraction: zero-gradient fraction for the fallback. Defaults to
             ``0.7`` (AUTOTRAINER; DeepDiagnosis uses the same 70% on outputs).
         min_samples: activation samples needed before judging. Defaults to ``3``.
+        sparse_rows: with sparse sampling, the window is ``window`` steps but at least
+            this many of the newest samples. Defaults to ``5`` (median of 5 samples:
+            one odd batch cannot open a finding).
         hysteresis: once active, the dead fraction may fall by this factor before the
             finding clears. Defaults to ``1.25``.
 
@@ -45,6 +55,7 @@ class DeadRelu(Rule):
     dead_fraction: float = 0.5
     zero_grad_fraction: float = 0.7
     min_samples: int = 3
+    sparse_rows: int = 5
     hysteresis: float = 1.25
 
     def check(self, ctx: RuleContext) -> Symptom | None:
@@ -62,7 +73,8 @@ class DeadRelu(Rule):
 
     def _from_activations(self, ctx: RuleContext, cols: list[int], relax: float) -> Symptom | None:
         view = ctx.acts
-        rows = slice(max(0, view.n_steps - self.window), None)
+        # Window in steps, not samples (see recent_rows).
+        rows = recent_rows(view.steps, self.window, max(self.sparse_rows, self.min_samples))
         dead = view["dead"][rows][:, cols]
         if np.sum(~np.isnan(dead).all(axis=1)) < self.min_samples:
             return None

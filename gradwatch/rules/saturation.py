@@ -8,7 +8,14 @@ import numpy as np
 
 from gradwatch.activations import CAN_SATURATE
 from gradwatch.fixes import fixes
-from gradwatch.rules.base import Rule, RuleContext, Symptom, format_layers, window_median
+from gradwatch.rules.base import (
+    Rule,
+    RuleContext,
+    Symptom,
+    format_layers,
+    recent_rows,
+    window_median,
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,9 @@ class Saturation(Rule):
             Defaults to ``0.5`` (more than half the layer, as SageMaker Debugger's
             layer-level activation rules count it).
         min_samples: activation samples needed before judging. Defaults to ``3``.
+        sparse_rows: with sparse sampling, the window is ``window`` steps but at least
+            this many of the newest samples. Defaults to ``5`` (median of 5 samples:
+            one odd batch cannot open a finding).
         hysteresis: once active, the tail fraction may fall by this factor before the
             finding clears. Defaults to ``1.25``.
 
@@ -39,6 +49,7 @@ class Saturation(Rule):
 
     tail_fraction: float = 0.5
     min_samples: int = 3
+    sparse_rows: int = 5
     hysteresis: float = 1.25
 
     def check(self, ctx: RuleContext) -> Symptom | None:
@@ -50,7 +61,8 @@ class Saturation(Rule):
         if not cols:
             return None
         view = ctx.acts
-        rows = slice(max(0, view.n_steps - self.window), None)
+        # Window in steps, not samples (see recent_rows).
+        rows = recent_rows(view.steps, self.window, max(self.sparse_rows, self.min_samples))
         tail = view["tail"][rows][:, cols]
         if np.sum(~np.isnan(tail).all(axis=1)) < self.min_samples:
             return None
