@@ -124,6 +124,7 @@ class Analyzer:
         self._group_cache: tuple[tuple[str, ...], tuple[str, ...], np.ndarray] | None = None
         self._baseline: list[float] = []
         self._notes: dict[str, None] = {}
+        self._opened: list[Finding] = []  # opened during this call, for on_finding
         self._n_steps = 0
         self._first_step = -1
         self._last_step = -1
@@ -150,6 +151,7 @@ class Analyzer:
             return
         with self.guard:
             self._ingest(step_stats_from_arrays(step, grads, activations))
+        self._announce()
 
     def observe_stats(self, stats: StepStats | Sequence[StepStats]) -> None:
         """Analyze statistics an adapter already reduced (one step or several)."""
@@ -158,6 +160,15 @@ class Analyzer:
         with self.guard:
             for s in [stats] if isinstance(stats, StepStats) else stats:
                 self._ingest(s)
+        self._announce()
+
+    def _announce(self) -> None:
+        """Hand new findings to ``on_finding`` outside the guard: an exception there is
+        the user's own (``"raise"`` modes), never an internal error to swallow."""
+        opened, self._opened = self._opened, []
+        if self.on_finding is not None:
+            for finding in opened:
+                self.on_finding(finding)
 
     def add_note(self, note: str) -> None:
         """Record a coverage note for the report (shown once, whatever the repeats)."""
@@ -314,8 +325,8 @@ class Analyzer:
             evidence=dict(symptom.evidence),
             fixes=symptom.fixes,
         )
-        if newly_opened and self.on_finding is not None:
-            self.on_finding(ep.finding)
+        if newly_opened:
+            self._opened.append(ep.finding)
 
     # --- output ----------------------------------------------------------------------
 

@@ -64,6 +64,16 @@ def test_finding_error_from_on_finding_is_never_swallowed():
         run(100, lambda s, r: grad_step(s, [1e-7, 1.0]), analyzer=an)
 
 
+def test_an_exception_from_a_user_callback_propagates_and_monitoring_stays_on():
+    def boom(finding):
+        raise KeyError("user code")
+
+    an = Analyzer(on_finding=boom)
+    with pytest.raises(KeyError):
+        run(100, lambda s, r: grad_step(s, [1e-7, 1.0]), analyzer=an)
+    assert an.enabled
+
+
 def test_check_every_still_catches_a_nan_between_checks_at_its_real_step():
     an = Analyzer(check_every=7, strict=True)
 
