@@ -1,0 +1,43 @@
+"""The fast subset of the Keras scenario zoo (benchmarks/scenarios/keras_zoo.py):
+faulty runs are found by their rules, healthy runs raise no warning.
+
+The full zoo and its table: ``python benchmarks/detect.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("keras")
+pytest.importorskip("sklearn")
+
+ROOT = Path(__file__).parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.detect import DETECT_WITHIN, run_keras  # noqa: E402
+from benchmarks.scenarios import Scenario, keras_scenarios  # noqa: E402
+
+FAST = [s for s in keras_scenarios() if s.fast]
+
+
+def test_keras_zoo_has_ten_scenarios_with_healthy_traps() -> None:
+    scenarios = keras_scenarios()
+    assert len(scenarios) >= 10
+    assert sum(s.healthy for s in scenarios) >= 5
+
+
+@pytest.mark.parametrize("scn", FAST, ids=[s.name for s in FAST])
+def test_keras_scenario_detection(scn: Scenario) -> None:
+    result = run_keras(scn)
+    found = set(result["found"])
+    if scn.healthy:
+        assert not found, result
+        return
+    assert scn.expected_rules <= found, result
+    assert found <= scn.expected_rules, f"extra findings: {found - scn.expected_rules}"
+    for rule in scn.expected_rules:
+        assert result["first_step"][rule] < DETECT_WITHIN, (rule, result["first_step"])
