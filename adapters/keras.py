@@ -52,7 +52,8 @@ __all__ = ["GradWatchCallback"]
 
 _ON_FINDING_MODES = ("warn", "raise", "stop", "ignore")
 # Columns of the per-variable gradient statistics row.
-_NORM, _MAX_ABS, _MEAN_ABS, _ZERO_FRAC, _NONFINITE, _NUMEL = range(6)
+_NORM, _MAX_ABS, _MEAN_ABS, _ZERO_FRAC, _NONFINITE, _NUMEL, _PARAM_NORM = range(7)
+_GRAD_COLUMNS = 7
 # Layers whose `call` returns `self.activation(...)` as its last operation.
 _ACTIVATION_ATTR_LAYERS: tuple[type, ...] = (
     keras.layers.Dense,
@@ -110,8 +111,9 @@ def _unit_axis(layer: keras.layers.Layer) -> int:
     return 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else -1
 
 
-def _grad_row(grad: Any) -> Any:
-    """``[norm, max_abs, mean_abs, zero_frac, nonfinite, numel]`` of one gradient, in-graph.
+def _grad_row(grad: Any, variable: Any) -> Any:
+    """``[norm, max_abs, mean_abs, zero_frac, nonfinite, numel, param_norm]`` of one
+    gradient and the variable it updates, in-graph.
 
     Norm and max are over the finite entries, as :func:`gradwatch.reduce.grad_stats_from_array`.
     """
@@ -127,6 +129,7 @@ def _grad_row(grad: Any) -> Any:
             ops.sum(ops.cast(ops.equal(g, 0.0), "float32")) / numel,
             numel - ops.sum(ops.cast(finite, "float32")),
             ops.convert_to_tensor(float(numel), "float32"),
+            ops.sqrt(ops.sum(ops.square(ops.cast(variable, "float32")))),
         ]
     )
 
@@ -172,7 +175,7 @@ class _Probe:
         if self.grads is None:
             self.n_vars = n_vars
             self.grads = keras.Variable(
-                np.zeros((self.ring, max(n_vars, 1), 6), np.float32),
+                np.zeros((self.ring, max(n_vars, 1), _GRAD_COLUMNS), np.float32),
                 trainable=False,
                 name="gradwatch_grads",
             )
@@ -584,12 +587,12 @@ class GradWatchCallback(keras.callbacks.Callback):
 
         def write() -> None:
             rows = []
-            for g, _ in present:
+            for g, v in present:
                 if scale is not None:
                     g = ops.divide(ops.cast(g, "float32"), ops.cast(scale, "float32"))
-                rows.append(_grad_row(g))
+                rows.append(_grad_row(g, v))
             # Rows in call order (model order), zero-padded to the probe's fixed shape.
-            rows += [ops.zeros((6,), "float32")] * (probe.n_vars - len(rows))
+            rows += [ops.zeros((_GRAD_COLUMNS,), "float32")] * (probe.n_vars - len(rows))
             table = ops.stack(rows)
             slot = ops.mod(ops.floor_divide(step, every), probe.ring)
             if dynamic and present:
@@ -672,6 +675,7 @@ class GradWatchCallback(keras.callbacks.Callback):
             grad_zero_frac=tuple(float(v) for v in g[:, _ZERO_FRAC]),
             grad_nonfinite=tuple(round(v) for v in g[:, _NONFINITE]),
             grad_numel=tuple(round(v) for v in g[:, _NUMEL]),
+            param_norm=tuple(float(v) for v in g[:, _PARAM_NORM]),
             **act_fields,
         )
 

@@ -63,7 +63,7 @@ _NOT_OBSERVED = frozenset({"LogSoftmax", "LogSigmoid", "Softmin"})
 _FUNCTIONAL_ATTRS = ("activation", "act", "act_fn", "activation_fn")
 _ON_FINDING_MODES = ("warn", "raise", "ignore")
 # Rows of the per-step gradient tensor (see grad_stats_on_device).
-_GRAD_ROWS = 5
+_GRAD_ROWS = 6
 _ACT_ROWS = 3
 
 
@@ -89,11 +89,15 @@ SMALL_GRAD_NUMEL = 16_384
 _FLAT_MIN_TENSORS = 4
 
 
-def grad_stats_on_device(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+def grad_stats_on_device(
+    grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None = None
+) -> torch.Tensor:
     """Gradient statistics of dense tensors sharing one device and dtype, on that device.
 
-    Returns a ``(5, len(grads))`` float32 tensor with rows: L2 norm, max |g|, sum |g|,
-    number of non-zero entries, and non-finite entries. Nothing is copied to the host.
+    Returns a ``(6, len(grads))`` float32 tensor with rows: L2 norm, max |g|, sum |g|,
+    number of non-zero entries, non-finite entries, and the L2 norm of each parameter
+    in ``params`` (one more fused ``torch._foreach_norm``; NaN without ``params``).
+    Nothing is copied to the host.
 
     Two paths, same results: many small tensors are concatenated and reduced in one
     flat pass (the non-finite row is then an exact count); otherwise the L2 norm is
@@ -104,14 +108,19 @@ def grad_stats_on_device(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     norm as unknown.
 
     Example:
-        >>> grad_stats_on_device([torch.tensor([3.0, -4.0, 0.0])])[:, 0].tolist()
+        >>> grad_stats_on_device([torch.tensor([3.0, -4.0, 0.0])])[:5, 0].tolist()
         [5.0, 4.0, 7.0, 2.0, 0.0]
     """
     with torch.no_grad():
+        weights = (
+            torch.stack(torch._foreach_norm(list(params))).float()
+            if params is not None
+            else torch.full((len(grads),), float("nan"), device=grads[0].device)
+        )
         if len(grads) >= _FLAT_MIN_TENSORS and all(
             g.numel() <= SMALL_GRAD_NUMEL for g in grads
         ):
-            return _flat_grad_stats(grads)
+            return torch.cat([_flat_grad_stats(grads), weights.unsqueeze(0)])
         norms = torch.stack(torch._foreach_norm(list(grads))).float()
         extremes = [torch.aminmax(g) for g in grads]
         max_abs = torch.maximum(
@@ -122,7 +131,7 @@ def grad_stats_on_device(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).float()
         # max |g| cannot overflow, so it is non-finite exactly when an entry is.
         nonfinite = (~torch.isfinite(max_abs)).float()
-        return torch.stack([norms, max_abs, abs_sum, nonzero, nonfinite])
+        return torch.stack([norms, max_abs, abs_sum, nonzero, nonfinite, weights])
 
 
 def _flat_grad_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -634,7 +643,8 @@ class TorchWatch:
         for group in self._groups:
             tensors = [_dense_values(grads[i]) for i in group.indices]
             pending.grad_indices.extend(group.indices)
-            pending.grad_parts.append(grad_stats_on_device(tensors))
+            weights = [params[i].detach() for i in group.indices]
+            pending.grad_parts.append(grad_stats_on_device(tensors, weights))
         for i, g in live:
             if g is not None and g.is_sparse:
                 pending.sparse_numel[i] = g.numel()
@@ -709,6 +719,7 @@ class TorchWatch:
                 grad_zero_frac=tuple(np.clip(1.0 - values[3] / safe, 0.0, 1.0).tolist()),
                 grad_nonfinite=tuple(int(v) for v in values[4]),
                 grad_numel=tuple(int(v) for v in numel),
+                param_norm=tuple(values[5].tolist()),
             )
         act_fields: dict[str, Any] = {}
         if record.act_parts:

@@ -30,7 +30,7 @@ from gradwatch.rules import DEFAULT_RULES, RULE_IDS, Rule, RuleContext, Symptom
 from gradwatch.stats import StepStats
 from gradwatch.window import Window
 
-GRAD_METRICS = ("norm", "max_abs", "mean_abs", "zero_frac", "nonfinite", "numel")
+GRAD_METRICS = ("norm", "max_abs", "mean_abs", "zero_frac", "nonfinite", "numel", "param_norm")
 ACT_METRICS = ("inactive", "dead", "tail")
 RUN_METRICS = ("total_norm", "skipped")
 # The first steps with a finite gradient give the run's reference scale, the smallest
@@ -141,16 +141,18 @@ class Analyzer:
         step: int,
         grads: Mapping[str, Any] | None = None,
         activations: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> None:
         """Analyze one step given raw arrays (numpy, or anything ``numpy.asarray`` or
         DLPack accepts). ``activations`` maps a name to ``(array, kind)`` or
-        ``(array, kind, unit_axis[, is_output])``; see
+        ``(array, kind, unit_axis[, is_output])``; ``params`` optionally maps each
+        gradient's name to its parameter values. See
         :func:`gradwatch.reduce.step_stats_from_arrays`.
         """
         if not self.guard.enabled:
             return
         with self.guard:
-            self._ingest(step_stats_from_arrays(step, grads, activations))
+            self._ingest(step_stats_from_arrays(step, grads, activations, params))
         self._announce()
 
     def observe_stats(self, stats: StepStats | Sequence[StepStats]) -> None:
@@ -223,6 +225,10 @@ class Analyzer:
         g_max = np.zeros(n)
         np.fmax.at(g_max, idx, np.asarray(s.grad_max_abs, dtype=np.float64))
         g_nonfinite = np.bincount(idx, np.asarray(s.grad_nonfinite, dtype=np.float64), n)
+        g_param = np.full(n, np.nan)  # unknown unless the adapter measured the weights
+        if s.param_norm:
+            p = np.asarray(s.param_norm, dtype=np.float64)
+            g_param = np.sqrt(np.bincount(idx, p * p, n))
         self._grads.push(
             s.step,
             groups,
@@ -233,6 +239,7 @@ class Analyzer:
                 "zero_frac": g_zero,
                 "nonfinite": g_nonfinite,
                 "numel": g_numel,
+                "param_norm": g_param,
             },
         )
         self._totals.update(groups, g_norm, g_max, g_zero, g_nonfinite, g_numel)

@@ -61,15 +61,23 @@ def step_stats_from_arrays(
     step: int,
     grads: Mapping[str, Any] | None = None,
     activations: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> StepStats:
     """Reduce per-layer arrays to one :class:`StepStats`.
 
     ``activations`` maps a name to ``(array, kind)`` or ``(array, kind, unit_axis)``;
     ``kind`` is a name such as ``"relu"`` or ``"Sigmoid"``. A trailing ``True`` marks
-    the model's output activation: ``(array, kind, unit_axis, True)``.
+    the model's output activation: ``(array, kind, unit_axis, True)``. ``params``
+    optionally maps the same names as ``grads`` to the parameter values.
     """
     grad_items = list((grads or {}).items())
     reduced = [grad_stats_from_array(g) for _, g in grad_items]
+    param_norm: tuple[float, ...] = ()
+    if params:
+        missing = [name for name, _ in grad_items if name not in params]
+        if missing:
+            raise ValueError(f"params has no entry for {missing[:3]}")
+        param_norm = tuple(grad_stats_from_array(params[name])[0] for name, _ in grad_items)
     act_names: list[str] = []
     act_kinds: list[str] = []
     act_values: list[tuple[float, float, float]] = []
@@ -96,6 +104,7 @@ def step_stats_from_arrays(
         grad_zero_frac=tuple(r[3] for r in reduced),
         grad_nonfinite=tuple(r[4] for r in reduced),
         grad_numel=tuple(r[5] for r in reduced),
+        param_norm=param_norm,
         act_layers=tuple(act_names),
         act_kinds=tuple(act_kinds),
         act_inactive_frac=tuple(v[0] for v in act_values),

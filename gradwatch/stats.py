@@ -47,6 +47,9 @@ class StepStats:
         grad_zero_frac: fraction of entries that are exactly 0.
         grad_nonfinite: number of NaN or Inf entries.
         grad_numel: number of entries.
+        param_norm: optional, the L2 norm of each parameter itself (empty when the
+            adapter does not provide it); lets rules compare a gradient with the
+            weights it updates.
 
     Activation fields, one entry per activation layer in ``act_layers``:
         act_kinds: an :class:`~gradwatch.activations.ActivationKind` value, e.g. ``"relu"``.
@@ -73,6 +76,7 @@ class StepStats:
     grad_zero_frac: tuple[float, ...] = ()
     grad_nonfinite: tuple[int, ...] = ()
     grad_numel: tuple[int, ...] = ()
+    param_norm: tuple[float, ...] = ()
     act_layers: tuple[str, ...] = ()
     act_kinds: tuple[str, ...] = ()
     act_inactive_frac: tuple[float, ...] = ()
@@ -89,6 +93,11 @@ class StepStats:
                     f"StepStats.{name} has {len(getattr(self, name))} entries, "
                     f"grad_layers has {n_grad}"
                 )
+        if self.param_norm and len(self.param_norm) != n_grad:
+            raise ValueError(
+                f"StepStats.param_norm has {len(self.param_norm)} entries, "
+                f"grad_layers has {n_grad} (or leave it empty)"
+            )
         n_act = len(self.act_layers)
         for name in _ACT_FIELDS:
             if len(getattr(self, name)) != n_act:

@@ -36,6 +36,14 @@ class ExplodingGradient(Rule):
             before it in the window counts as explosive. Defaults to ``100`` (our zoo:
             a ReLU RNN with recurrent gain 1.5 spikes 125x at step 31, the classic
             cliff of Pascanu et al. 2013; healthy zoo runs stay under 15x).
+        relative_threshold: median over layers of |g| / |w| (gradient norm over the
+            norm of the weights it updates) above which gradients are explosive from
+            the start, when the adapter reports weight norms. Defaults to ``100``:
+            healthy updates move weights ~1e-3 of their size per step (Karpathy,
+            CS231n); at a typical SGD learning rate of 1e-2 such a gradient moves each
+            layer by its own size, 1000x that. Catches large initialization, where
+            norms are huge but neither grow nor differ between layers (N(0, 1) on
+            width 32 in Keras: ~700).
         growth_factor: total-norm growth inside the window that counts as explosive.
             Defaults to ``100`` (two orders of magnitude in ``window`` steps; healthy
             runs change norm by far less, see the scenario zoo).
@@ -53,6 +61,7 @@ class ExplodingGradient(Rule):
     ratio_threshold: float = 70.0
     growth_factor: float = 100.0
     spike_factor: float = 100.0
+    relative_threshold: float = 100.0
     window: int = 40
     persistence: int = 5
     hysteresis: float = 2.0
@@ -64,6 +73,10 @@ class ExplodingGradient(Rule):
         norm = window_median(view["norm"][rows])
         live = np.flatnonzero(~np.isnan(norm) & (norm > 0))
         layer_ratio = float(norm[live[0]] / norm[live[-1]]) if live.size >= 2 else 1.0
+        weights = window_median(view["param_norm"][rows])
+        weighed = live[np.isfinite(weights[live]) & (weights[live] > 0)]
+        # The median over layers: a zero-initialised layer (ReZero, Fixup) is not a cause.
+        relative = float(np.median(norm[weighed] / weights[weighed])) if weighed.size else 0.0
         total = ctx.run["total_norm"][rows, 0]
         total = total[np.isfinite(total)]
         growth = 1.0
@@ -82,9 +95,10 @@ class ExplodingGradient(Rule):
             before = float(np.median(total[:peak]))
             spike = float(total[peak]) / before if before > 0 else 1.0
         by_layers = layer_ratio > self.ratio_threshold / relax
+        by_size = relative > self.relative_threshold / relax
         by_spike = spike > self.spike_factor / relax
         by_steps = growth > self.growth_factor / relax or by_spike
-        if not (by_layers or by_steps):
+        if not (by_layers or by_steps or by_size):
             return None
         if by_layers:
             cut = norm[live[-1]] * math.sqrt(self.ratio_threshold / relax)
@@ -92,6 +106,13 @@ class ExplodingGradient(Rule):
             message = (
                 f"Gradient norms grow {layer_ratio:.3g}x from the last layer back to the "
                 f"first ({format_layers(affected)}), so early weights take huge steps."
+            )
+        elif by_size and not by_steps:
+            big = tuple(view.columns[i] for i in weighed if norm[i] > weights[i])
+            affected = big or tuple(view.columns[i] for i in weighed)
+            message = (
+                f"Gradients are {relative:.3g}x the size of the weights they update, so "
+                f"any ordinary learning rate throws each layer far off in one step."
             )
         elif by_spike and not growth > self.growth_factor / relax:
             affected = tuple(view.columns[i] for i in live)
@@ -110,15 +131,18 @@ class ExplodingGradient(Rule):
             "first_last_norm_ratio": layer_ratio,
             "norm_growth": growth,
             "norm_spike": spike,
+            "grad_to_weight_ratio": relative,
             "total_norm": latest,
             "max_layer_norm": float(np.nanmax(norm[live])) if live.size else math.nan,
         }
-        calibrated = by_steps and not by_layers and baseline is not None and baseline > 0
+        # Huge from the start or amplified layer after layer: the initialization is the
+        # cause, and the first steps are no healthy scale to calibrate clipping on.
+        init_cause = by_layers or by_size
+        calibrated = by_steps and not init_cause and baseline is not None and baseline > 0
         max_norm = 2.0 * baseline if calibrated and baseline is not None else _DEFAULT_MAX_NORM
         evidence["suggested_max_norm"] = max_norm
         others = fixes("lower_learning_rate", "he_init", "xavier_init")
         ranked = (clipping_fix(max_norm, calibrated), *others)
-        if by_layers and not by_steps:
-            # Amplification layer after layer is an init problem first; clipping only masks it.
+        if init_cause:  # clipping would only mask it
             ranked = (ranked[2], ranked[0], ranked[3], ranked[1])
         return Symptom(affected, "warning", message, evidence, ranked)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -152,6 +153,30 @@ def test_explosion_inside_the_warm_up_is_caught_against_the_initial_norm():
     f = run(60, make).report().by_rule("exploding_gradient")
     assert f is not None and f.fixes[0].id == "gradient_clipping"
     assert f.evidence["suggested_max_norm"] == pytest.approx(2 * np.hypot(0.5, 1.0), rel=0.2)
+
+def _sized_step(step: int, grad: float, weight: float):
+    # Flat norms across layers and steps: only the size relative to the weights tells.
+    return replace(grad_step(step, [grad] * 4), param_norm=(weight,) * 4)
+
+
+def test_gradients_huge_relative_to_the_weights_are_exploding():
+    f = run(60, lambda s, r: _sized_step(s, 1e5, 32.0)).report().by_rule("exploding_gradient")
+    assert f is not None
+    assert f.evidence["grad_to_weight_ratio"] == pytest.approx(1e5 / 32)
+    assert f.fixes[0].id == "he_init"
+
+
+def test_gradient_to_weight_borderline():
+    assert "exploding_gradient" not in rule_ids(run(60, lambda s, r: _sized_step(s, 90.0, 1.0)))
+    assert "exploding_gradient" in rule_ids(run(60, lambda s, r: _sized_step(s, 110.0, 1.0)))
+
+
+def test_one_zero_initialised_layer_is_not_a_size_explosion():
+    def make(step: int, rng: np.random.Generator):
+        return replace(grad_step(step, [0.5, 0.5, 0.5, 0.5]), param_norm=(5.0, 5.0, 5.0, 0.0))
+
+    assert "exploding_gradient" not in rule_ids(run(60, make), "info")
+
 
 def test_exploding_borderline_layer_ratio():
     assert "exploding_gradient" not in rule_ids(run(60, lambda s, r: grad_step(s, [60.0, 1.0])))

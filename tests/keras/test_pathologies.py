@@ -43,6 +43,21 @@ def test_large_init_relu_mlp_reports_exploding_or_nonfinite_gradient() -> None:
     assert cb.report.layers[0].max_norm > 1e3
 
 
+def test_large_init_is_exploding_even_when_the_weights_do_not_move() -> None:
+    # The same net with a learning rate so small the weights stay put: norms are huge
+    # but flat across layers and steps, so only their size next to the weights shows.
+    init = keras.initializers.RandomNormal(stddev=1.0, seed=0)
+    model = compile_classifier(
+        mlp(depth=8, width=32, kernel_initializer=init), keras.optimizers.SGD(1e-12)
+    )
+    cb = _cb()
+    fit(model, [cb])
+    finding = cb.report.by_rule("exploding_gradient")
+    assert finding is not None, cb.report.render()
+    assert finding.evidence["grad_to_weight_ratio"] > 100
+    assert finding.fixes[0].id in {"he_init", "xavier_init"}
+
+
 def test_huge_learning_rate_reports_nonfinite_gradient() -> None:
     model = compile_classifier(mlp(depth=4), keras.optimizers.SGD(1e4))
     cb = _cb()

@@ -45,6 +45,19 @@ def test_huge_lr_or_large_init_explodes_or_goes_nonfinite(lr: float, std: float 
     assert not report.healthy
 
 
+def test_large_init_is_exploding_even_when_the_weights_barely_move() -> None:
+    # N(0, 1) weights on width 32 with a learning rate so small the weights stay put:
+    # norms are huge from the first step but flat across layers and steps; only the
+    # gradient-to-weight size shows it.
+    torch.manual_seed(0)
+    _, report = train(mlp(nn.ReLU, depth=8, width=32, std=1.0), steps=40, lr=1e-12)
+    finding = report.by_rule("exploding_gradient")
+    assert finding is not None, report.findings
+    assert finding.evidence["grad_to_weight_ratio"] > 100
+    assert finding.evidence["norm_growth"] < 10  # nothing grew: size alone
+    assert finding.fixes[0].id in {"he_init", "xavier_init"}
+
+
 def test_relu_with_bias_minus_five_is_dead() -> None:
     torch.manual_seed(0)
     _, report = train(mlp(nn.ReLU, depth=6, std=0.1, bias=-5.0), steps=40)
