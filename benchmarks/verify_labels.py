@@ -310,7 +310,11 @@ def _keras_measurements(only: str | None) -> list[tuple[str, dict[str, Any]]]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--keras-json"]
     if only:
         cmd += ["--only", only]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"keras measurement failed with exit status {proc.returncode}")
+    out = proc.stdout
     line = [ln for ln in out.splitlines() if ln.startswith("[")][-1]
     return [(name, m) for name, m in json.loads(line)]
 
@@ -322,9 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keras-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.keras_json:
-        from benchmarks.scenarios.keras_zoo import measure_keras
-
         from benchmarks.scenarios import keras_scenarios
+        from benchmarks.scenarios.keras_zoo import measure_keras
 
         results = [
             (s.name, measure_keras(s)) for s in keras_scenarios()

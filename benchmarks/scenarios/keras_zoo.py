@@ -249,7 +249,7 @@ def measure_keras(scn: Scenario, seed: int = 0) -> dict[str, Any]:
     run = scn.build(seed)
     model = run.model
     opt = model.optimizer
-    loss_fn = model.loss
+    loss_fn = keras.losses.get(model.loss) if isinstance(model.loss, str) else model.loss
     sites = [
         (layer, getattr(getattr(layer, "activation", None), "__name__", ""))
         for layer in model.layers
