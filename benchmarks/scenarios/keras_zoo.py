@@ -276,7 +276,7 @@ def measure_keras(scn: Scenario, seed: int = 0) -> dict[str, Any]:
             xb = run.x[start : start + run.batch_size]
             yb = run.y[start : start + run.batch_size]
             with tf.GradientTape() as tape:
-                loss = loss_fn(yb, model(xb, training=True))
+                loss = tf.reduce_mean(loss_fn(yb, model(xb, training=True)))
             grads = tape.gradient(loss, model.trainable_weights)
             sq: dict[str, float] = {}
             zeros: dict[str, float] = {}
