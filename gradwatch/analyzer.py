@@ -55,6 +55,7 @@ class _Episode:
     active: bool = False
     finding: Finding | None = None
     layers: dict[str, None] = field(default_factory=dict)
+    worst: Symptom | None = None  # the finding reports the evidence of its worst check
 
 
 class Analyzer:
@@ -322,15 +323,18 @@ class Analyzer:
         severity = symptom.severity
         if old is not None and SEVERITY_RANK[old.severity] > SEVERITY_RANK[severity]:
             severity = old.severity
+        if ep.worst is None or symptom.score >= ep.worst.score:
+            ep.worst = symptom
+        worst = ep.worst
         ep.finding = Finding(
             rule=rule.id,
             severity=severity,
             layers=tuple(ep.layers),
             first_step=ep.streak_start if old is None else old.first_step,
             last_step=step,
-            message=symptom.message,
-            evidence=dict(symptom.evidence),
-            fixes=symptom.fixes,
+            message=worst.message,
+            evidence=dict(worst.evidence),
+            fixes=worst.fixes,
         )
         if newly_opened:
             self._opened.append(ep.finding)

@@ -31,6 +31,8 @@ class Symptom:
     fixes: tuple[Fix, ...]
     # The step the symptom began, when the rule can tell (default: the check's step).
     since: int | None = None
+    # How bad it is, larger is worse: a finding reports the evidence of its worst check.
+    score: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ class DeadRelu(Rule):
             f"batches, so they get no gradient and have stopped learning."
         )
         severity = "error" if worst >= 0.99 else "warning"
-        return Symptom(layers, severity, message, evidence, self._fixes(ctx))
+        return Symptom(layers, severity, message, evidence, self._fixes(ctx), score=worst)
 
     def _from_gradients(self, ctx: RuleContext, relax: float) -> Symptom | None:
         view = ctx.grads
@@ -115,7 +115,7 @@ class DeadRelu(Rule):
             f"{worst:.0%} of the gradient entries of {format_layers(layers)} are exactly "
             f"zero, the signature of dying ReLU units."
         )
-        return Symptom(layers, "warning", message, evidence, self._fixes(ctx))
+        return Symptom(layers, "warning", message, evidence, self._fixes(ctx), score=worst)
 
     def _fixes(self, ctx: RuleContext) -> tuple[Fix, ...]:
         baseline = ctx.baseline_total_norm

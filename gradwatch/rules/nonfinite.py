@@ -94,4 +94,5 @@ class NonfiniteGradient(Rule):
             ranked = fixes("gradient_clipping", "lower_learning_rate", "stable_loss")
         else:
             ranked = fixes("stable_loss", "lower_learning_rate", "gradient_clipping")
-        return Symptom(layers, "error", message, evidence, ranked, since=since)
+        score = float(nonfinite.sum()) + n_skipped
+        return Symptom(layers, "error", message, evidence, ranked, since=since, score=score)

@@ -92,4 +92,4 @@ class Saturation(Rule):
             ranked = fixes("normalize_inputs", "xavier_init", "batch_norm")
         else:
             ranked = fixes("xavier_init", "batch_norm", "normalize_inputs")
-        return Symptom(layers, "warning", message, evidence, ranked)
+        return Symptom(layers, "warning", message, evidence, ranked, score=worst)
