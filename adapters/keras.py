@@ -191,8 +191,10 @@ class _Probe:
         self.n_vars = n_vars
         self.n_acts = n_acts
         kw: dict[str, Any] = {"trainable": False}
-        # Optimizer steps seen in this fit; the ring slot of a step is `counter % ring`.
+        # Optimizer steps seen in this fit.
         self.counter = keras.Variable(0, dtype="int32", name="gradwatch_counter", **kw)
+        # Samples written in this fit; the ring slot of a sample is `samples % ring`.
+        self.samples = keras.Variable(0, dtype="int32", name="gradwatch_samples", **kw)
         # Per slot: the step written there (-1 = never) and whether it was skipped.
         self.steps = keras.Variable(
             np.full((ring, 2), -1, np.int32), dtype="int32", name="gradwatch_steps", **kw
@@ -244,6 +246,9 @@ class GradWatchCallback(keras.callbacks.Callback):
             statistics of that step's real gradients. Defaults to ``8`` (under 5%
             overhead on a 12x512 MLP on CPU, see ``benchmarks/overhead_keras.py``);
             use ``1`` for short runs.
+        dense_until: sample every step before this step, so every rule can fire within
+            the first 50 steps (warm-up 10 + persistence 10) and an explosion that
+            turns NaN within a few steps is seen growing. Defaults to ``50``.
         activations: also sample activation statistics (dead ReLUs, saturation).
             Defaults to ``True``.
         tail_derivative_fraction: a sigmoid/tanh output is in a flat tail when its
@@ -289,6 +294,7 @@ class GradWatchCallback(keras.callbacks.Callback):
         window: int = 64,
         flush_every: int = 16,
         sample_every: int = 8,
+        dense_until: int = 50,
         activations: bool = True,
         tail_derivative_fraction: float = DEFAULT_TAIL_DERIVATIVE_FRACTION,
         on_finding: str | Callable[[Finding], Any] = "warn",
@@ -298,6 +304,7 @@ class GradWatchCallback(keras.callbacks.Callback):
         super().__init__()
         _check_int("flush_every", flush_every, 1)
         _check_int("sample_every", sample_every, 1)
+        _check_int("dense_until", dense_until, 0)
         if not isinstance(activations, bool):
             raise ValueError(f"activations must be True or False, got {activations!r}")
         _check_int("window", window, 1)
@@ -325,6 +332,7 @@ class GradWatchCallback(keras.callbacks.Callback):
         self.window = window
         self.flush_every = flush_every
         self.sample_every = sample_every
+        self.dense_until = dense_until
         self.activations = activations
         self.tail_derivative_fraction = float(tail_derivative_fraction)
         self.on_finding = on_finding
@@ -459,8 +467,10 @@ class GradWatchCallback(keras.callbacks.Callback):
         spe = int(getattr(model, "steps_per_execution", 1) or 1)
         # on_train_batch_end runs once per execution of `spe` steps.
         self._flush_calls = max(1, math.ceil(self.flush_every / spe))
-        # Samples that can land between two reads, with slack for the final partial one.
-        ring = math.ceil((self._flush_calls * spe + spe) / self.sample_every) + 2
+        # Samples that can land between two reads, with slack for the final partial one
+        # (every step is a sample during the dense start).
+        every = 1 if self.dense_until > 0 else self.sample_every
+        ring = math.ceil((self._flush_calls * spe + spe) / every) + 2
         self._probe = _Probe(len(variables), len(self._act_layers), ring)
 
         self._patch(model, "train_step", self._wrap_train_step(model.train_step))
@@ -539,7 +549,7 @@ class GradWatchCallback(keras.callbacks.Callback):
 
     def _record_activation(self, probe: _Probe, index: int, y: Any, kind: str, axis: int) -> None:
         assert probe.act_now is not None and probe.act_step is not None
-        act_now, act_step, every = probe.act_now, probe.act_step, self.sample_every
+        act_now, act_step = probe.act_now, probe.act_step
         frac = self.tail_derivative_fraction
 
         def write() -> None:
@@ -549,10 +559,7 @@ class GradWatchCallback(keras.callbacks.Callback):
                 _one_hot_where(index, probe.n_acts, probe.counter.value, act_step.value)
             )
 
-        if every == 1:
-            write()
-        else:
-            ops.cond(ops.equal(ops.mod(probe.counter.value, every), 0), write, lambda: None)
+        self._when_sampled(probe.counter.value, write)
 
     def _wrap_apply(self, apply: Callable[..., Any], optimizer: Any) -> Callable[..., Any]:
         def apply_with_gradwatch(grads: Any, trainable_variables: Any = None) -> Any:
@@ -583,7 +590,6 @@ class GradWatchCallback(keras.callbacks.Callback):
         # A variable the loss does not depend on has no gradient to judge: left out.
         self._grad_names = tuple(_var_name(v) for _, v in present)
         step = probe.counter.value
-        every = self.sample_every
 
         def write() -> None:
             rows = []
@@ -594,7 +600,7 @@ class GradWatchCallback(keras.callbacks.Callback):
             # Rows in call order (model order), zero-padded to the probe's fixed shape.
             rows += [ops.zeros((_GRAD_COLUMNS,), "float32")] * (probe.n_vars - len(rows))
             table = ops.stack(rows)
-            slot = ops.mod(ops.floor_divide(step, every), probe.ring)
+            slot = ops.mod(probe.samples.value, probe.ring)
             if dynamic and present:
                 skipped = ops.cast(ops.greater(ops.sum(table[:, _NONFINITE]), 0.0), "int32")
             else:
@@ -608,12 +614,24 @@ class GradWatchCallback(keras.callbacks.Callback):
                 fresh = ops.expand_dims(ops.equal(act_step.value, step), -1)
                 act_row = ops.where(fresh, act_now.value, math.nan)
                 acts.assign(_one_hot_where(slot, probe.ring, act_row, acts.value))
+            probe.samples.assign(probe.samples.value + 1)
 
-        if every == 1:
-            write()
-        else:
-            ops.cond(ops.equal(ops.mod(step, every), 0), write, lambda: None)
+        self._when_sampled(step, write)
         probe.counter.assign(step + 1)
+
+    def _sampled(self, step: int) -> bool:
+        """The schedule on the host: is ``step`` one of the sampled steps?"""
+        return step < self.dense_until or step % self.sample_every == 0
+
+    def _when_sampled(self, step: Any, write: Callable[[], None]) -> None:
+        """Run ``write`` in the traced step only on sampled steps (see :meth:`_sampled`)."""
+        if self.sample_every == 1:
+            write()
+            return
+        sampled = ops.logical_or(
+            ops.less(step, self.dense_until), ops.equal(ops.mod(step, self.sample_every), 0)
+        )
+        ops.cond(sampled, write, lambda: None)
 
     # --- host side ---------------------------------------------------------------------------
 
@@ -635,10 +653,11 @@ class GradWatchCallback(keras.callbacks.Callback):
             else None
         )
         first = int(steps[fresh[0], 0])
-        if first != self._last_read + 1:
+        expected = next(s for s in range(self._last_read + 1, first + 1) if self._sampled(s))
+        if first != expected:
             analyzer.add_note(
-                f"Steps {self._last_read + 1}..{first - 1} were not read in time; lower "
-                f"flush_every (now {self.flush_every})."
+                f"Samples of steps {expected}..{first - 1} were overwritten before they "
+                f"were read; lower flush_every (now {self.flush_every})."
             )
         self._last_read = int(steps[fresh[-1], 0])
         n = len(self._grad_names)

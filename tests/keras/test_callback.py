@@ -119,12 +119,21 @@ def test_loss_scale_optimizer_reports_unscaled_gradients() -> None:
 def test_sample_every_reads_every_nth_real_step() -> None:
     model = _small_model()
     seen = []
-    cb = _cb(sample_every=4, flush_every=3)
+    cb = _cb(sample_every=4, flush_every=3, dense_until=0)
     cb_steps = _StepRecorder(cb, seen)
     fit(model, [cb, cb_steps])  # 512 / 16 = 32 steps
     assert cb.report.steps_observed == 8
     assert (cb.report.first_step, cb.report.last_step) == (0, 28)
     assert seen == list(range(0, 32, 4))
+
+
+def test_dense_start_reads_every_step_then_every_nth() -> None:
+    model = _small_model()
+    cb = _cb(sample_every=4, flush_every=5, dense_until=10)
+    fit(model, [cb])  # 32 steps: 0..9, then 12, 16, ..., 28
+    assert cb.report.steps_observed == 10 + 5
+    assert cb.report.last_step == 28
+    assert not [n for n in cb.report.notes if "overwritten" in n]
 
 
 class _StepRecorder(keras.callbacks.Callback):
