@@ -124,6 +124,7 @@ class Analyzer:
         self._episodes = {r.id: _Episode() for r in rules}
         self._group_cache: tuple[tuple[str, ...], tuple[str, ...], np.ndarray] | None = None
         self._baseline: list[float] = []
+        self._initial_relative: list[float] = []  # median |g|/|w| of the first steps
         self._notes: dict[str, None] = {}
         self._opened: list[Finding] = []  # opened during this call, for on_finding
         self._n_steps = 0
@@ -230,6 +231,11 @@ class Analyzer:
         if s.param_norm:
             p = np.asarray(s.param_norm, dtype=np.float64)
             g_param = np.sqrt(np.bincount(idx, p * p, n))
+            weighed = np.isfinite(g_norm) & (g_param > 0)
+            if len(self._initial_relative) < _BASELINE_STEPS and weighed.any():
+                self._initial_relative.append(
+                    float(np.median(g_norm[weighed] / g_param[weighed]))
+                )
         self._grads.push(
             s.step,
             groups,
@@ -288,6 +294,7 @@ class Analyzer:
         kinds = tuple(self._act_kind[c] for c in acts.columns)
         outputs = tuple(self._act_output[c] for c in acts.columns)
         baseline = self._baseline_norm()
+        initial_relative = float(np.min(self._initial_relative)) if self._initial_relative else None
         hidden = frozenset(self._hidden_kinds)
         for rule in warm:
             episode = self._episodes[rule.id]
@@ -300,6 +307,7 @@ class Analyzer:
                 run=run,
                 active=episode.active,
                 baseline_total_norm=baseline,
+                initial_grad_to_weight=initial_relative,
                 hidden_kinds=hidden,
                 new_steps=new_steps,
             )

@@ -51,6 +51,8 @@ class RuleContext:
         active: whether this rule's finding is in an active episode (hysteresis).
         baseline_total_norm: smallest total gradient norm of the first 5 steps with a
             finite gradient (the scale at initialization), or ``None`` before there is one.
+        initial_grad_to_weight: smallest, over the first 5 steps with weight norms, of
+            the median over layers of |g| / |w|; ``None`` without weight norms.
         hidden_kinds: the activation kinds seen on non-output layers so far.
         new_steps: steps observed since the previous check (``check_every`` apart).
     """
@@ -63,6 +65,7 @@ class RuleContext:
     run: WindowView
     active: bool
     baseline_total_norm: float | None
+    initial_grad_to_weight: float | None
     hidden_kinds: frozenset[str]
     new_steps: int = 1
 

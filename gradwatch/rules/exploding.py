@@ -135,9 +135,12 @@ class ExplodingGradient(Rule):
             "total_norm": latest,
             "max_layer_norm": float(np.nanmax(norm[live])) if live.size else math.nan,
         }
-        # Huge from the start or amplified layer after layer: the initialization is the
-        # cause, and the first steps are no healthy scale to calibrate clipping on.
-        init_cause = by_layers or by_size
+        # Huge from the very first steps or amplified layer after layer: the
+        # initialization is the cause, and the first steps are no healthy scale to
+        # calibrate clipping on. Huge only later (a learning rate too high): clip.
+        initial = ctx.initial_grad_to_weight
+        huge_at_start = initial is not None and initial > self.relative_threshold
+        init_cause = by_layers or (by_size and huge_at_start)
         calibrated = by_steps and not init_cause and baseline is not None and baseline > 0
         max_norm = 2.0 * baseline if calibrated and baseline is not None else _DEFAULT_MAX_NORM
         evidence["suggested_max_norm"] = max_norm
