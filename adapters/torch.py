@@ -291,6 +291,8 @@ class _PendingStep:
     skipped: bool = False
     grad_indices: list[int] = field(default_factory=list)
     grad_parts: list[torch.Tensor] = field(default_factory=list)
+    # Unsampled steps: per device group, the sum of squared gradient norms (0-d).
+    total_parts: list[torch.Tensor] = field(default_factory=list)
     sparse_numel: dict[int, int] = field(default_factory=dict)
     act_names: list[str] = field(default_factory=list)
     act_kinds: list[str] = field(default_factory=list)
@@ -609,6 +611,8 @@ class TorchWatch:
         pending = _PendingStep(step=self.step_count)
         if self._grad_schedule(self.step_count):
             self._reduce_grads(pending)
+        else:
+            self._reduce_total_norm(pending)
         if self._step_acts:
             for name, (kind, numel, parts) in self._step_acts.items():
                 pending.act_names.append(name)
@@ -616,7 +620,7 @@ class TorchWatch:
                 pending.act_numel.append(numel)
                 pending.act_parts.append(parts)
             self._step_acts = {}
-        if pending.grad_parts or pending.act_parts:
+        if pending.grad_parts or pending.total_parts or pending.act_parts:
             self._pending.append(pending)
         self._advance()
 
@@ -626,27 +630,42 @@ class TorchWatch:
         if self.step_count % self._flush_every == 0:
             self._flush()
 
-    def _reduce_grads(self, pending: _PendingStep) -> None:
-        params = self._params
+    def _live_grads(self) -> dict[int, torch.Tensor]:
+        """Present gradients by parameter index; regroups when their layout changes."""
         live = [
             (i, p.grad)
-            for i, p in enumerate(params)
+            for i, p in enumerate(self._params)
             if p.requires_grad and p.grad is not None and p.grad.numel() > 0
         ]
-        if not live:
-            return
         key = tuple((i, g.device, g.dtype, g.is_sparse) for i, g in live if g is not None)
-        if key != self._groups_key:
+        if live and key != self._groups_key:
             self._groups = _group_params(live)
             self._groups_key = key
-        grads = dict(live)
+        return {i: g for i, g in live if g is not None}
+
+    def _reduce_total_norm(self, pending: _PendingStep) -> None:
+        """One fused norm per device group: the total norm of a step not sampled per
+        layer, so growth, spikes and NaN between samples are still seen."""
+        grads = self._live_grads()
+        if not grads:
+            return
+        with torch.no_grad():
+            for group in self._groups:
+                norms = torch._foreach_norm([_dense_values(grads[i]) for i in group.indices])
+                pending.total_parts.append(torch.stack(norms).float().square().sum())
+
+    def _reduce_grads(self, pending: _PendingStep) -> None:
+        params = self._params
+        grads = self._live_grads()
+        if not grads:
+            return
         for group in self._groups:
             tensors = [_dense_values(grads[i]) for i in group.indices]
             pending.grad_indices.extend(group.indices)
             weights = [params[i].detach() for i in group.indices]
             pending.grad_parts.append(grad_stats_on_device(tensors, weights))
-        for i, g in live:
-            if g is not None and g.is_sparse:
+        for i, g in grads.items():
+            if g.is_sparse:
                 pending.sparse_numel[i] = g.numel()
 
     def _on_activation(self, site: _ActivationSite, module_training: bool, output: Any) -> None:
@@ -684,7 +703,7 @@ class TorchWatch:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for record in pending:
             act_tensors = [t for parts in record.act_parts for t in parts]
-            for t in (*record.grad_parts, *act_tensors):
+            for t in (*record.grad_parts, *record.total_parts, *act_tensors):
                 by_device.setdefault(t.device, []).append(t.reshape(-1))
         host: dict[torch.device, Iterator[np.ndarray]] = {}
         for device, parts in by_device.items():
@@ -701,6 +720,9 @@ class TorchWatch:
             return StepStats(step=record.step, skipped_step=True)
         grad_cols = [next(host[t.device]).reshape(_GRAD_ROWS, -1) for t in record.grad_parts]
         grad_fields: dict[str, Any] = {}
+        if record.total_parts:
+            squares = sum(float(next(host[t.device])[0]) for t in record.total_parts)
+            grad_fields["grad_total_norm"] = float(np.sqrt(squares))
         if grad_cols:
             values = np.concatenate(grad_cols, axis=1)
             order = np.argsort(record.grad_indices, kind="stable")

@@ -32,7 +32,7 @@ from gradwatch.window import Window
 
 GRAD_METRICS = ("norm", "max_abs", "mean_abs", "zero_frac", "nonfinite", "numel", "param_norm")
 ACT_METRICS = ("inactive", "dead", "tail")
-RUN_METRICS = ("total_norm", "skipped")
+RUN_METRICS = ("total_norm", "skipped", "nonfinite")
 # The first steps with a finite gradient give the run's reference scale, the smallest
 # of them: an explosion can start at step 1, and a reference set too low only makes
 # advice conservative, while one set too high hides the explosion.
@@ -199,12 +199,22 @@ class Analyzer:
             self._first_step = step
         self._last_step = step
         total_norm = math.nan
+        nonfinite = False
         if s.grad_layers:
             total_norm = self._ingest_grads(s)
+            nonfinite = bool(np.isnan(total_norm))
+        elif s.grad_total_norm is not None:
+            total_norm = float(s.grad_total_norm)
+            nonfinite = not math.isfinite(total_norm)
+            total_norm = total_norm if not nonfinite else math.nan
         self._run.push(
             step,
             ("run",),
-            {"total_norm": np.array([total_norm]), "skipped": np.array([float(s.skipped_step)])},
+            {
+                "total_norm": np.array([total_norm]),
+                "skipped": np.array([float(s.skipped_step)]),
+                "nonfinite": np.array([float(nonfinite)]),
+            },
         )
         if s.act_layers:
             self._ingest_acts(s)

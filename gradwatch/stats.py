@@ -60,6 +60,11 @@ class StepStats:
             :func:`gradwatch.activations.tail_bounds`).
         act_is_output: whether this activation produces the model's output.
 
+    ``grad_total_norm`` is the L2 norm over all gradients, for steps whose per-layer
+    statistics were not sampled: adapters can afford one fused norm every step, so
+    growth, spikes and NaN between samples are still seen. ``None`` when not given
+    (with per-layer statistics the analyzer computes it itself).
+
     ``skipped_step`` marks an optimizer step that was skipped because the gradients
     were not finite (e.g. ``torch.amp.GradScaler`` found Inf/NaN). Such a step may
     carry no gradient fields at all.
@@ -83,6 +88,7 @@ class StepStats:
     act_dead_frac: tuple[float, ...] = ()
     act_tail_frac: tuple[float, ...] = ()
     act_is_output: tuple[bool, ...] = ()
+    grad_total_norm: float | None = None
     skipped_step: bool = False
 
     def __post_init__(self) -> None:

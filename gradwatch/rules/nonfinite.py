@@ -47,20 +47,22 @@ class NonfiniteGradient(Rule):
 
     def check(self, ctx: RuleContext) -> Symptom | None:
         view = ctx.grads
-        if view.n_steps == 0:
-            return None
-        rows = slice(max(0, view.n_steps - self.window), None)
+        run = ctx.run
         # Every step since the previous check, not only the newest one.
         fresh = view.steps > ctx.step - ctx.new_steps
         recent = np.nan_to_num(view["nonfinite"][fresh])
         nonfinite = recent.sum(axis=0)
         bad = np.flatnonzero(nonfinite > 0)
-        since = int(view.steps[fresh][np.flatnonzero(recent.sum(axis=1))[0]]) if bad.size else None
-        skipped = ctx.run["skipped"][rows, 0]
+        # Steps with only a total norm (not sampled per layer) count too.
+        run_fresh = run.steps > ctx.step - ctx.new_steps
+        bad_steps = run.steps[run_fresh][np.nan_to_num(run["nonfinite"][run_fresh, 0]) > 0]
+        since = int(bad_steps[0]) if bad_steps.size else None
+        rows = slice(max(0, run.n_steps - self.window), None)
+        skipped = run["skipped"][rows, 0]
         n_skipped = int(np.nansum(skipped))
         skip_rate = n_skipped / max(1, skipped.size)
         by_skips = n_skipped >= self.min_skipped and skip_rate > self.skipped_fraction
-        if bad.size == 0 and not by_skips:
+        if bad_steps.size == 0 and not by_skips:
             return None
         layers = tuple(view.columns[i] for i in bad)
         totals = ctx.run["total_norm"][:, 0]
@@ -75,6 +77,7 @@ class NonfiniteGradient(Rule):
         )
         evidence = {
             "nonfinite_entries": float(nonfinite.sum()),
+            "nonfinite_steps": float(bad_steps.size),
             "layers_nonfinite": float(bad.size),
             "skipped_steps_in_window": float(n_skipped),
             "skipped_step_rate": skip_rate,
@@ -85,6 +88,11 @@ class NonfiniteGradient(Rule):
                 f"Gradients contain NaN/Inf in {format_layers(layers)}; "
                 f"the next optimizer step would corrupt the weights."
             )
+        elif bad_steps.size:
+            message = (
+                f"The gradient norm was NaN/Inf at step {int(bad_steps[0])}; "
+                f"the optimizer step would corrupt the weights."
+            )
         else:
             message = (
                 f"The AMP grad scaler skipped {n_skipped} of the last {skipped.size} steps "
@@ -94,5 +102,5 @@ class NonfiniteGradient(Rule):
             ranked = fixes("gradient_clipping", "lower_learning_rate", "stable_loss")
         else:
             ranked = fixes("stable_loss", "lower_learning_rate", "gradient_clipping")
-        score = float(nonfinite.sum()) + n_skipped
+        score = float(nonfinite.sum()) + float(bad_steps.size) + n_skipped
         return Symptom(layers, "error", message, evidence, ranked, since=since, score=score)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from synth import decaying, grad_step, noisy, rule_ids, run
 
-from gradwatch import Analyzer
+from gradwatch import Analyzer, StepStats
 from gradwatch.rules import DeadRelu, ExplodingGradient, Saturation, VanishingGradient
 
 SIGMOID_ACTS = {f"act{i}": ("sigmoid", 0.0, 0.0, 0.05) for i in range(9)}
@@ -211,6 +211,29 @@ def test_nan_after_growth_ranks_clipping_first():
 
     f = run(40, make).report().by_rule("nonfinite_gradient")
     assert f is not None and f.fixes[0].id == "gradient_clipping"
+
+
+def _sampled_every_5(step: int, total: float, norms=(0.5, 1.0)):
+    """Per-layer stats on every 5th step, only the total norm on the others."""
+    if step % 5 == 0:
+        return grad_step(step, list(norms))
+    return StepStats(step=step, grad_total_norm=total)
+
+
+def test_nan_total_norm_between_samples_is_caught_at_its_step():
+    def make(step: int, rng: np.random.Generator):
+        return _sampled_every_5(step, math.nan if step == 33 else 1.1)
+
+    f = run(50, make).report().by_rule("nonfinite_gradient")
+    assert f is not None and f.first_step == 33 and f.severity == "error"
+
+
+def test_a_spike_between_samples_is_caught_from_total_norms():
+    def make(step: int, rng: np.random.Generator):
+        return _sampled_every_5(step, 2000.0 if step == 41 else float(np.exp(rng.normal(0, 0.1))))
+
+    f = run(80, make).report().by_rule("exploding_gradient")
+    assert f is not None and f.evidence["norm_spike"] > 100
 
 
 def test_gradscaler_calibration_skips_are_not_a_finding():

@@ -174,3 +174,22 @@ def test_wrapper_prefixes_are_stripped() -> None:
     assert strip_wrapper_prefixes("_orig_mod.fc.bias") == "fc.bias"
     assert strip_wrapper_prefixes("block._orig_mod.fc.bias") == "block.fc.bias"
     assert strip_wrapper_prefixes("modules.fc") == "modules.fc"
+
+
+def test_total_norm_of_unsampled_steps_matches_naive_reference() -> None:
+    torch.manual_seed(0)
+    model = mlp(nn.ReLU, depth=3, width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    never = gradwatch.every(10**9, dense_until=0)
+    gw = gradwatch.watch(
+        model, opt, grad_schedule=lambda s: False, activation_schedule=never,
+        on_finding="ignore", show=False,
+    )
+    seen = record_stats(gw)
+    model(torch.randn(20, 32)).pow(2).mean().backward()
+    expected = math.sqrt(sum(float(p.grad.double().norm()) ** 2 for p in model.parameters()))
+    opt.step()
+    gw.flush()
+    assert len(seen) == 1 and not seen[0].grad_layers
+    assert seen[0].grad_total_norm == pytest.approx(expected, rel=1e-5)
+    gw.close()
