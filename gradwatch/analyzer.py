@@ -341,7 +341,8 @@ class Analyzer:
         severity = symptom.severity
         if old is not None and SEVERITY_RANK[old.severity] > SEVERITY_RANK[severity]:
             severity = old.severity
-        if ep.worst is None or symptom.score >= ep.worst.score:
+        # Ties keep the earlier check: its window still shows how the episode began.
+        if ep.worst is None or symptom.score > ep.worst.score:
             ep.worst = symptom
         worst = ep.worst
         ep.finding = Finding(
