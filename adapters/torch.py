@@ -31,6 +31,8 @@ Example:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import shutil
 import warnings
@@ -329,6 +331,19 @@ def _identity(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+# Watches never reported nor closed: the one-line `gradwatch.watch(model, optimizer)`
+# keeps no handle, so its report prints when the interpreter exits.
+_UNREPORTED: weakref.WeakSet[TorchWatch] = weakref.WeakSet()
+
+
+@atexit.register
+def _report_unreported_at_exit() -> None:
+    for watch in list(_UNREPORTED):
+        # Never turn a finished run into a crash at exit.
+        with contextlib.suppress(Exception):
+            watch.report()
+
+
 # One live watch per model, so watching twice can replace the first (weak: never leaks).
 _LIVE_WATCHES: weakref.WeakKeyDictionary[nn.Module, weakref.ref[TorchWatch]] = (
     weakref.WeakKeyDictionary()
@@ -423,6 +438,8 @@ class TorchWatch:
             )
             old.close()
         _LIVE_WATCHES[model] = weakref.ref(self)
+        if show:
+            _UNREPORTED.add(self)
 
         self._hook_params()
         if optimizer is not None:
@@ -486,6 +503,7 @@ class TorchWatch:
                 f"the torch adapter: {type(self.guard.error).__name__}: {self.guard.error}"
             )
         report = self.analyzer.report()
+        _UNREPORTED.discard(self)
         if (self._show if show is None else show) and self._rank_zero:
             _print_report(report)
         return report
@@ -496,6 +514,7 @@ class TorchWatch:
             return
         self.flush()
         self._closed = True
+        _UNREPORTED.discard(self)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -533,14 +552,15 @@ class TorchWatch:
     # --- hook registration -----------------------------------------------------------
 
     def _weak(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """A hook that calls ``fn(watch, *args)`` without keeping the watch alive."""
-        ref = weakref.ref(self)
+        """A hook that calls ``fn(watch, *args)``. It holds the watch, so the one-line
+        ``gradwatch.watch(model, optimizer)`` keeps monitoring without a kept handle;
+        the watch holds the model only weakly, so nothing leaks, and ``close()``
+        removes the hooks."""
 
         def hook(*args: Any) -> Any:
-            watch = ref()
-            if watch is None or not watch.enabled:
+            if not self.enabled:
                 return None
-            return fn(watch, *args)
+            return fn(self, *args)
 
         return hook
 

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gradwatch.adapters.torch import TorchWatch  # noqa: E402
+from gradwatch.adapters.torch import _LIVE_WATCHES, TorchWatch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_helpers import EVERY_STEP, he_relu_mlp, mlp  # noqa: E402
 
@@ -100,15 +100,44 @@ def test_watch_does_not_keep_the_model_alive() -> None:
     assert ref() is None
 
 
-def test_dropped_watch_is_collected_and_its_hooks_go_quiet() -> None:
+def test_the_one_line_watch_keeps_monitoring_without_a_kept_handle() -> None:
     model = he_relu_mlp(depth=2, width=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gw = gradwatch.watch(model, opt, on_finding="ignore", show=False)
-    ref = weakref.ref(gw)
-    del gw
+    gradwatch.watch(model, opt, on_finding="ignore", show=False)  # handle dropped
     gc.collect()
-    assert ref() is None  # hooks hold the watch weakly
-    _train(model, opt, 2)  # dangling hooks are no-ops
+    _train(model, opt, 3)
+    gw = _LIVE_WATCHES[model]()
+    assert gw is not None and gw.step_count == 3
+    gw.close()
+
+
+def test_model_and_dropped_watch_are_collected_together() -> None:
+    model = he_relu_mlp(depth=2, width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gradwatch.watch(model, opt, on_finding="ignore", show=False)
+    _train(model, opt, 2)
+    model_ref = weakref.ref(model)
+    watch_ref = _LIVE_WATCHES[model]
+    del model, opt
+    gc.collect()
+    assert model_ref() is None and watch_ref() is None
+
+
+def test_an_unreported_watch_prints_its_report_at_exit() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, gradwatch\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))\n"
+        "o = torch.optim.SGD(m.parameters(), lr=0.01)\n"
+        "gradwatch.watch(m, o)\n"
+        "for _ in range(3):\n"
+        "    m(torch.randn(8, 4)).sum().backward(); o.step(); o.zero_grad()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "gradwatch: gradients look healthy" in out.stdout
 
 
 def test_internal_error_warns_once_switches_off_and_training_continues(
