@@ -77,6 +77,13 @@ _ACT_ROWS = 3
 # <= 1.03x step time on benchmarks/overhead.py (12x512 ReLU MLP, CPU).
 DEFAULT_GRAD_SCHEDULE: Schedule = every(10, dense_until=50)
 DEFAULT_ACTIVATION_SCHEDULE: Schedule = every(10, dense_until=50)
+# Steps not sampled per layer still get their total gradient norm on this schedule:
+# one fused norm, so a spike or a NaN between samples is seen. Every 3rd step catches
+# the zoo's shortest burst (9 steps) at a third of the cost of every step.
+DEFAULT_NORM_SCHEDULE: Schedule = every(3)
+# Rules run every 5 steps (persistence is counted in steps, NaN between checks is
+# still caught at its step): analysis costs ~0.5 ms a check on the host.
+_CHECK_EVERY = 5
 
 
 # --- device-side reductions -----------------------------------------------------------
@@ -129,7 +136,15 @@ def grad_stats_on_device(
             torch.stack([e.max for e in extremes]).float().abs(),
             torch.stack([e.min for e in extremes]).float().abs(),
         )
-        abs_sum = torch.stack([g.abs().sum(dtype=torch.float32) for g in grads])
+        # |g| into one reused scratch buffer: a fresh 1 MB temporary per tensor costs
+        # page faults, ~6x the sum itself on CPU (benchmarks/overhead.py, 12x512 MLP).
+        scratch = _scratch(max(g.numel() for g in grads), grads[0].dtype, grads[0].device)
+        abs_sum = torch.stack(
+            [
+                torch.abs(g, out=scratch[: g.numel()].view_as(g)).sum(dtype=torch.float32)
+                for g in grads
+            ]
+        )
         nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).float()
         # max |g| cannot overflow, so it is non-finite exactly when an entry is.
         nonfinite = (~torch.isfinite(max_abs)).float()
@@ -148,6 +163,19 @@ def _flat_grad_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         0, segment, a, "amax", include_self=True
     )
     return torch.stack([sums[0].sqrt(), max_abs, sums[1], sums[2], sums[3]])
+
+
+_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable 1-D buffer of at least ``numel`` entries (one per dtype and device)."""
+    key = (dtype, device)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype, device=device)
+        _SCRATCH[key] = buffer
+    return buffer
 
 
 @functools.lru_cache(maxsize=32)
@@ -370,6 +398,7 @@ class TorchWatch:
         grad_schedule: Schedule = DEFAULT_GRAD_SCHEDULE,
         activations: bool = True,
         activation_schedule: Schedule = DEFAULT_ACTIVATION_SCHEDULE,
+        norm_schedule: Schedule = DEFAULT_NORM_SCHEDULE,
         flush_every: int = 20,
         rules: Sequence[Rule] = DEFAULT_RULES,
         strict: bool = False,
@@ -389,6 +418,7 @@ class TorchWatch:
         for label, schedule in (
             ("grad_schedule", grad_schedule),
             ("activation_schedule", activation_schedule),
+            ("norm_schedule", norm_schedule),
         ):
             if not callable(schedule):
                 raise ValueError(f"{label} must be a callable step -> bool, got {schedule!r}")
@@ -397,13 +427,17 @@ class TorchWatch:
         self._on_finding = on_finding
         self._grad_schedule = grad_schedule
         self._activation_schedule = activation_schedule
+        self._norm_schedule = norm_schedule
         self._flush_every = flush_every
         self._show = show
         self._rank_zero = _is_rank_zero()
         self._warned_rules: set[str] = set()
         self.guard = Guard("gradwatch torch adapter", strict=strict)
-        self.analyzer = Analyzer(rules, on_finding=self._handle_finding, strict=strict)
+        self.analyzer = Analyzer(
+            rules, on_finding=self._handle_finding, strict=strict, check_every=_CHECK_EVERY
+        )
         self.step_count = 0
+        self._samples = 0  # steps reduced per layer so far
         self._closed = False
         self._manual = False
         self._has_optimizer = optimizer is not None
@@ -631,7 +665,7 @@ class TorchWatch:
         pending = _PendingStep(step=self.step_count)
         if self._grad_schedule(self.step_count):
             self._reduce_grads(pending)
-        else:
+        elif self._norm_schedule(self.step_count):
             self._reduce_total_norm(pending)
         if self._step_acts:
             for name, (kind, numel, parts) in self._step_acts.items():
@@ -679,10 +713,14 @@ class TorchWatch:
         grads = self._live_grads()
         if not grads:
             return
+        # Weights move slowly: their norms on every 5th sample (and the first 5) are
+        # enough for the rules' window medians, at a fifth of the cost.
+        with_weights = self._samples < 5 or self._samples % 5 == 0
+        self._samples += 1
         for group in self._groups:
             tensors = [_dense_values(grads[i]) for i in group.indices]
             pending.grad_indices.extend(group.indices)
-            weights = [params[i].detach() for i in group.indices]
+            weights = [params[i].detach() for i in group.indices] if with_weights else None
             pending.grad_parts.append(grad_stats_on_device(tensors, weights))
         for i, g in grads.items():
             if g.is_sparse:
@@ -896,6 +934,7 @@ def watch(
     grad_schedule: Schedule = DEFAULT_GRAD_SCHEDULE,
     activations: bool = True,
     activation_schedule: Schedule = DEFAULT_ACTIVATION_SCHEDULE,
+    norm_schedule: Schedule = DEFAULT_NORM_SCHEDULE,
     flush_every: int = 20,
     rules: Sequence[Rule] = DEFAULT_RULES,
     strict: bool = False,
@@ -916,6 +955,9 @@ def watch(
         activations: capture activation statistics with forward hooks. Defaults to ``True``.
         activation_schedule: ``step -> bool`` for activations. Defaults to
             :data:`DEFAULT_ACTIVATION_SCHEDULE`.
+        norm_schedule: ``step -> bool``, the steps not sampled per layer whose total
+            gradient norm is still taken. Defaults to :data:`DEFAULT_NORM_SCHEDULE`
+            (every 3rd step).
         flush_every: steps between the host copies that feed the analyzer; findings
             appear at flushes. Defaults to ``20``.
         rules: the rules to apply. Defaults to :data:`gradwatch.DEFAULT_RULES`.
@@ -943,6 +985,7 @@ def watch(
         grad_schedule=grad_schedule,
         activations=activations,
         activation_schedule=activation_schedule,
+        norm_schedule=norm_schedule,
         flush_every=flush_every,
         rules=rules,
         strict=strict,
@@ -953,6 +996,7 @@ def watch(
 __all__ = [
     "DEFAULT_ACTIVATION_SCHEDULE",
     "DEFAULT_GRAD_SCHEDULE",
+    "DEFAULT_NORM_SCHEDULE",
     "SMALL_GRAD_NUMEL",
     "TorchWatch",
     "activation_fractions",
