@@ -312,8 +312,8 @@ def _train_keras(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    steps_per_epoch = max(1, len(x_train) // BATCH_SIZE)
-    epochs = max(1, steps // steps_per_epoch)
+    steps_per_epoch = -(-len(x_train) // BATCH_SIZE)  # Keras keeps the last partial batch
+    epochs = max(1, round(steps / steps_per_epoch))
     callback = gradwatch.GradWatchCallback(on_finding="ignore", verbose=0)
     losses: list[float] = []
 
@@ -330,7 +330,6 @@ def _train_keras(
             y_train,
             batch_size=BATCH_SIZE,
             epochs=epochs,
-            steps_per_epoch=steps_per_epoch,
             verbose=0,
             callbacks=[callback, _Progress()],
         )

@@ -28,3 +28,23 @@ def test_keras_example_reports_vanishing():
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "vanishing_gradient" in out.stdout
+
+
+def test_keras_demo_diagnoses_vanishing_then_the_fix_trains_better(tmp_path):
+    import io
+    import json
+
+    from rich.console import Console
+
+    from gradwatch.demo import run_demo
+    from gradwatch.report import Report
+
+    path = tmp_path / "demo.json"
+    code = run_demo(
+        framework="keras", steps=200, json_path=path, console=Console(file=io.StringIO())
+    )
+    assert code == 0
+    result = json.loads(path.read_text())
+    assert Report.from_dict(result["before"]["report"]).by_rule("vanishing_gradient")
+    assert Report.from_dict(result["after"]["report"]).healthy
+    assert result["after"]["test_accuracy"] > result["before"]["test_accuracy"] + 0.2
