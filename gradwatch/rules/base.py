@@ -140,6 +140,24 @@ def recent_rows(steps: np.ndarray, window: int, at_least: int) -> slice:
     return slice(n - max(inside, min(at_least, n)), None)
 
 
+def hidden_columns(ctx: RuleContext, kinds: frozenset[str]) -> list[int]:
+    """Columns of ``ctx.acts`` whose kind is in ``kinds``, the model output left out."""
+    return [i for i, kind in enumerate(ctx.act_kinds) if kind in kinds and not ctx.act_is_output[i]]
+
+
+def sampled_median(
+    ctx: RuleContext, cols: list[int], metric: str, window: int, min_samples: int, rows: int
+) -> np.ndarray | None:
+    """Window median of an activation metric over ``cols``: the newest ``window`` steps
+    but at least ``rows`` samples (see :func:`recent_rows`); ``None`` with fewer than
+    ``min_samples`` samples."""
+    view = ctx.acts
+    values = view[metric][recent_rows(view.steps, window, max(rows, min_samples))][:, cols]
+    if np.sum(~np.isnan(values).all(axis=1)) < min_samples:
+        return None
+    return window_median(values)
+
+
 def format_layers(layers: tuple[str, ...], limit: int = 3) -> str:
     """``"fc1, fc2 and 3 more"`` for messages."""
     if len(layers) <= limit:

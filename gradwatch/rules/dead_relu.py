@@ -13,7 +13,8 @@ from gradwatch.rules.base import (
     RuleContext,
     Symptom,
     format_layers,
-    recent_rows,
+    hidden_columns,
+    sampled_median,
     window_median,
 )
 
@@ -60,11 +61,7 @@ class DeadRelu(Rule):
 
     def check(self, ctx: RuleContext) -> Symptom | None:
         relax = self.hysteresis if ctx.active else 1.0
-        relu_cols = [
-            i
-            for i, kind in enumerate(ctx.act_kinds)
-            if kind in CAN_DIE and not ctx.act_is_output[i]
-        ]
+        relu_cols = hidden_columns(ctx, CAN_DIE)
         if relu_cols:
             return self._from_activations(ctx, relu_cols, relax)
         if ctx.hidden_kinds:
@@ -73,23 +70,23 @@ class DeadRelu(Rule):
 
     def _from_activations(self, ctx: RuleContext, cols: list[int], relax: float) -> Symptom | None:
         view = ctx.acts
-        # Window in steps, not samples (see recent_rows).
-        rows = recent_rows(view.steps, self.window, max(self.sparse_rows, self.min_samples))
-        dead = view["dead"][rows][:, cols]
-        if np.sum(~np.isnan(dead).all(axis=1)) < self.min_samples:
+        median = sampled_median(ctx, cols, "dead", self.window, self.min_samples, self.sparse_rows)
+        if median is None:
             return None
-        median = window_median(dead)
         hit = np.flatnonzero(median > self.dead_fraction / relax)
         if hit.size == 0:
             return None
         layers = tuple(view.columns[cols[i]] for i in hit)
         worst = float(np.nanmax(median[hit]))
+        inactive = sampled_median(
+            ctx, cols, "inactive", self.window, self.min_samples, self.sparse_rows
+        )
         evidence = {
             "dead_unit_fraction": worst,
             "layers_dead": float(hit.size),
             "relu_layers": float(len(cols)),
-            "inactive_output_fraction": float(
-                np.nanmax(window_median(view["inactive"][rows][:, cols]))
+            "inactive_output_fraction": (
+                float(np.nanmax(inactive)) if inactive is not None else float("nan")
             ),
         }
         message = (

@@ -148,6 +148,10 @@ class ExplodingGradient(Rule):
         ranked = (clipping_fix(max_norm, calibrated), *others)
         if init_cause:  # clipping would only mask it
             ranked = (ranked[2], ranked[0], ranked[3], ranked[1])
-        score = max(layer_ratio / self.ratio_threshold, growth / self.growth_factor,
-                    spike / self.spike_factor, relative / self.relative_threshold)
+        score = max(
+            layer_ratio / self.ratio_threshold,
+            growth / self.growth_factor,
+            spike / self.spike_factor,
+            relative / self.relative_threshold,
+        )
         return Symptom(affected, "warning", message, evidence, ranked, score=score)

@@ -13,8 +13,8 @@ from gradwatch.rules.base import (
     RuleContext,
     Symptom,
     format_layers,
-    recent_rows,
-    window_median,
+    hidden_columns,
+    sampled_median,
 )
 
 
@@ -53,20 +53,13 @@ class Saturation(Rule):
     hysteresis: float = 1.25
 
     def check(self, ctx: RuleContext) -> Symptom | None:
-        cols = [
-            i
-            for i, kind in enumerate(ctx.act_kinds)
-            if kind in CAN_SATURATE and not ctx.act_is_output[i]
-        ]
+        cols = hidden_columns(ctx, CAN_SATURATE)
         if not cols:
             return None
         view = ctx.acts
-        # Window in steps, not samples (see recent_rows).
-        rows = recent_rows(view.steps, self.window, max(self.sparse_rows, self.min_samples))
-        tail = view["tail"][rows][:, cols]
-        if np.sum(~np.isnan(tail).all(axis=1)) < self.min_samples:
+        median = sampled_median(ctx, cols, "tail", self.window, self.min_samples, self.sparse_rows)
+        if median is None:
             return None
-        median = window_median(tail)
         relax = self.hysteresis if ctx.active else 1.0
         hit = np.flatnonzero(median > self.tail_fraction / relax)
         if hit.size == 0:

@@ -127,9 +127,7 @@ class VanishingGradient(Rule):
         )
         # Orders of magnitude lost from the last layer back to the first.
         score = -math.log10(max(min(ratio, rms_ratio), 1e-300))
-        return Symptom(
-            affected, "warning", message, evidence, self._fixes(ctx, depth), score=score
-        )
+        return Symptom(affected, "warning", message, evidence, self._fixes(ctx, depth), score=score)
 
     @staticmethod
     def _fixes(ctx: RuleContext, depth: int) -> tuple[Fix, ...]:
