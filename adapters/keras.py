@@ -46,6 +46,7 @@ from gradwatch.findings import SEVERITY_RANK, Finding
 from gradwatch.guard import FindingError, GradwatchWarning, Guard
 from gradwatch.report import Report
 from gradwatch.rules import DEFAULT_RULES, Rule
+from gradwatch.schedules import every
 from gradwatch.stats import StepStats
 
 __all__ = ["GradWatchCallback"]
@@ -333,6 +334,8 @@ class GradWatchCallback(keras.callbacks.Callback):
         self.flush_every = flush_every
         self.sample_every = sample_every
         self.dense_until = dense_until
+        # The host-side twin of the in-graph condition in _when_sampled.
+        self._schedule = every(sample_every, dense_until)
         self.activations = activations
         self.tail_derivative_fraction = float(tail_derivative_fraction)
         self.on_finding = on_finding
@@ -469,8 +472,8 @@ class GradWatchCallback(keras.callbacks.Callback):
         self._flush_calls = max(1, math.ceil(self.flush_every / spe))
         # Samples that can land between two reads, with slack for the final partial one
         # (every step is a sample during the dense start).
-        every = 1 if self.dense_until > 0 else self.sample_every
-        ring = math.ceil((self._flush_calls * spe + spe) / every) + 2
+        period = 1 if self.dense_until > 0 else self.sample_every
+        ring = math.ceil((self._flush_calls * spe + spe) / period) + 2
         self._probe = _Probe(len(variables), len(self._act_layers), ring)
 
         self._patch(model, "train_step", self._wrap_train_step(model.train_step))
@@ -621,7 +624,7 @@ class GradWatchCallback(keras.callbacks.Callback):
 
     def _sampled(self, step: int) -> bool:
         """The schedule on the host: is ``step`` one of the sampled steps?"""
-        return step < self.dense_until or step % self.sample_every == 0
+        return self._schedule(step)
 
     def _when_sampled(self, step: Any, write: Callable[[], None]) -> None:
         """Run ``write`` in the traced step only on sampled steps (see :meth:`_sampled`)."""
