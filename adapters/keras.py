@@ -650,11 +650,7 @@ class GradWatchCallback(keras.callbacks.Callback):
         if probe.grads is None:
             return
         grads = _to_host(probe.grads).astype(np.float64)
-        acts = (
-            _to_host(probe.acts).astype(np.float64)
-            if probe.acts is not None
-            else None
-        )
+        acts = _to_host(probe.acts).astype(np.float64) if probe.acts is not None else None
         first = int(steps[fresh[0], 0])
         expected = next(s for s in range(self._last_read + 1, first + 1) if self._sampled(s))
         if first != expected:
@@ -666,8 +662,14 @@ class GradWatchCallback(keras.callbacks.Callback):
         n = len(self._grad_names)
         batch = []
         for slot in fresh:
-            batch.append(self._step_stats(int(steps[slot, 0]), bool(steps[slot, 1]),
-                                          grads[slot, :n], None if acts is None else acts[slot]))
+            batch.append(
+                self._step_stats(
+                    int(steps[slot, 0]),
+                    bool(steps[slot, 1]),
+                    grads[slot, :n],
+                    None if acts is None else acts[slot],
+                )
+            )
         self.last_step_stats = batch[-1]
         analyzer.observe_stats(batch)
 

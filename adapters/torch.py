@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import shutil
 import warnings
 import weakref
@@ -44,9 +43,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from gradwatch.adapters.torch_reductions import (
+    ACT_ROWS,
+    GRAD_ROWS,
+    SMALL_GRAD_NUMEL,
+    activation_fractions,
+    activation_reductions_on_device,
+    activation_stats_on_device,
+    grad_stats_on_device,
+    unit_axis_of,
+)
 from torch import nn
 
-from gradwatch.activations import CAN_DIE, CAN_SATURATE, SQUASHING, kind_from_name, tail_bounds
+from gradwatch.activations import kind_from_name, tail_bounds
 from gradwatch.analyzer import Analyzer
 from gradwatch.findings import Finding
 from gradwatch.guard import FindingError, GradwatchWarning, Guard
@@ -64,9 +73,6 @@ _NOT_OBSERVED = frozenset({"LogSoftmax", "LogSigmoid", "Softmin"})
 # (nn.TransformerEncoderLayer.activation is F.relu by default).
 _FUNCTIONAL_ATTRS = ("activation", "act", "act_fn", "activation_fn")
 _ON_FINDING_MODES = ("warn", "raise", "ignore")
-# Rows of the per-step gradient tensor (see grad_stats_on_device).
-_GRAD_ROWS = 6
-_ACT_ROWS = 3
 
 
 # --- schedules ------------------------------------------------------------------------
@@ -84,182 +90,6 @@ DEFAULT_NORM_SCHEDULE: Schedule = every(3)
 # Rules run every 5 steps (persistence is counted in steps, NaN between checks is
 # still caught at its step): analysis costs ~0.5 ms a check on the host.
 _CHECK_EVERY = 5
-
-
-# --- device-side reductions -----------------------------------------------------------
-
-
-# At or below this many entries a gradient is launch-bound, not bandwidth-bound:
-# groups of such tensors are reduced together in one flat pass (cat + index_add)
-# instead of ~4 kernels each. benchmarks/scaling.py: with 500 layers of width 32
-# the per-tensor path spent ~1 ms per step on kernel launches alone.
-SMALL_GRAD_NUMEL = 16_384
-# The flat pass pays ~15 fixed ops, so it only helps from a handful of tensors on.
-_FLAT_MIN_TENSORS = 4
-
-
-def grad_stats_on_device(
-    grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None = None
-) -> torch.Tensor:
-    """Gradient statistics of dense tensors sharing one device and dtype, on that device.
-
-    Returns a ``(6, len(grads))`` float32 tensor with rows: L2 norm, max |g|, sum |g|,
-    number of non-zero entries, non-finite entries, and the L2 norm of each parameter
-    in ``params`` (one more fused ``torch._foreach_norm``; NaN without ``params``).
-    Nothing is copied to the host.
-
-    Two paths, same results: many small tensors are concatenated and reduced in one
-    flat pass (the non-finite row is then an exact count); otherwise the L2 norm is
-    one fused ``torch._foreach_norm`` and the rest are per-tensor kernels, and the
-    non-finite row is a 0/1 flag per tensor, a lower bound of the count (an exact
-    count would cost one more pass over every large gradient on every step). With
-    non-finite entries the norm, max and sum are Inf/NaN; the analyzer treats such a
-    norm as unknown.
-
-    Example:
-        >>> grad_stats_on_device([torch.tensor([3.0, -4.0, 0.0])])[:5, 0].tolist()
-        [5.0, 4.0, 7.0, 2.0, 0.0]
-    """
-    with torch.no_grad():
-        weights = (
-            torch.stack(torch._foreach_norm(list(params))).float()
-            if params is not None
-            else torch.full((len(grads),), float("nan"), device=grads[0].device)
-        )
-        if len(grads) >= _FLAT_MIN_TENSORS and all(
-            g.numel() <= SMALL_GRAD_NUMEL for g in grads
-        ):
-            return torch.cat([_flat_grad_stats(grads), weights.unsqueeze(0)])
-        norms = torch.stack(torch._foreach_norm(list(grads))).float()
-        extremes = [torch.aminmax(g) for g in grads]
-        max_abs = torch.maximum(
-            torch.stack([e.max for e in extremes]).float().abs(),
-            torch.stack([e.min for e in extremes]).float().abs(),
-        )
-        # |g| into one reused scratch buffer: a fresh 1 MB temporary per tensor costs
-        # page faults, ~6x the sum itself on CPU (benchmarks/overhead.py, 12x512 MLP).
-        scratch = _scratch(max(g.numel() for g in grads), grads[0].dtype, grads[0].device)
-        abs_sum = torch.stack(
-            [
-                torch.abs(g, out=scratch[: g.numel()].view_as(g)).sum(dtype=torch.float32)
-                for g in grads
-            ]
-        )
-        nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).float()
-        # max |g| cannot overflow, so it is non-finite exactly when an entry is.
-        nonfinite = (~torch.isfinite(max_abs)).float()
-        return torch.stack([norms, max_abs, abs_sum, nonzero, nonfinite, weights])
-
-
-def _flat_grad_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The one-pass path of :func:`grad_stats_on_device` for many small tensors."""
-    device = grads[0].device
-    segment = _segment_ids(tuple(g.numel() for g in grads), str(device))
-    flat = torch.cat([g.reshape(-1) for g in grads]).float()
-    a = flat.abs()
-    features = torch.stack([a * a, a, (flat != 0).float(), (~torch.isfinite(flat)).float()])
-    sums = torch.zeros(4, len(grads), device=device).index_add_(1, segment, features)
-    max_abs = torch.zeros(len(grads), device=device).scatter_reduce_(
-        0, segment, a, "amax", include_self=True
-    )
-    return torch.stack([sums[0].sqrt(), max_abs, sums[1], sums[2], sums[3]])
-
-
-_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reusable 1-D buffer of at least ``numel`` entries (one per dtype and device)."""
-    key = (dtype, device)
-    buffer = _SCRATCH.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=dtype, device=device)
-        _SCRATCH[key] = buffer
-    return buffer
-
-
-@functools.lru_cache(maxsize=32)
-def _segment_ids(sizes: tuple[int, ...], device: str) -> torch.Tensor:
-    """``[0]*sizes[0] + [1]*sizes[1] + ...`` on ``device``, cached per layout."""
-    counts = torch.tensor(sizes)
-    return torch.repeat_interleave(torch.arange(len(sizes)), counts).to(device)
-
-
-def unit_axis_of(output: torch.Tensor) -> int:
-    """The feature/channel axis of an activation output: ``1`` for NCHW/NCDHW conv
-    maps (4-D, 5-D), else the last axis (``(N, C)``, transformer ``(N, L, E)``).
-
-    >>> unit_axis_of(torch.zeros(2, 3, 4, 4)), unit_axis_of(torch.zeros(2, 5))
-    (1, -1)
-    """
-    return 1 if output.dim() >= 4 else -1
-
-
-def activation_reductions_on_device(
-    output: torch.Tensor, kind: str, unit_axis: int, bounds: tuple[float, float]
-) -> list[torch.Tensor]:
-    """The few device reductions an activation sample needs; the fractions are finished
-    on the host by :func:`activation_fractions` after the flush.
-
-    In order, only where the kind needs them: the count of active outputs (``> 0``),
-    the count of outputs in the flat tails, and each unit's sum over the batch (ReLU
-    outputs are ``>= 0``, so a unit whose sum is 0 never fired). Two or three kernels
-    per sample instead of a dozen: per-sample Python overhead dominated
-    benchmarks/scaling.py before.
-    """
-    with torch.no_grad():
-        y = output.detach()
-        parts: list[torch.Tensor] = []
-        if kind not in SQUASHING:
-            # ReLU/ReLU6 outputs are >= 0, so active is nonzero: no comparison needed.
-            parts.append(torch.count_nonzero(y if kind in CAN_DIE else y > 0))
-        if kind in CAN_SATURATE:
-            lo, hi = bounds
-            parts.append(torch.count_nonzero((y <= lo) | (y >= hi)))
-        if kind in CAN_DIE and y.dim() > 1:
-            axis = unit_axis % y.dim()
-            dims = tuple(d for d in range(y.dim()) if d != axis)
-            parts.append(y.sum(dim=dims, dtype=torch.float32))
-        return parts
-
-
-def activation_fractions(values: np.ndarray, kind: str, numel: int) -> tuple[float, float, float]:
-    """``(inactive_frac, dead_frac, tail_frac)`` from :func:`activation_reductions_on_device`
-    values, concatenated and copied to the host."""
-    n = max(1, numel)
-    at = 0
-    inactive = dead = tail = 0.0
-    if kind not in SQUASHING:  # tanh is negative half the time: "inactive" means nothing
-        inactive = 1.0 - float(values[0]) / n
-        at = 1
-    if kind in CAN_SATURATE:
-        tail = float(values[at]) / n
-        at += 1
-    if kind in CAN_DIE:
-        unit_sums = values[at:]
-        dead = float(np.mean(unit_sums <= 0)) if unit_sums.size else inactive
-    return inactive, dead, tail
-
-
-def activation_stats_on_device(
-    output: torch.Tensor, kind: str, unit_axis: int, bounds: tuple[float, float]
-) -> torch.Tensor:
-    """``(inactive_frac, dead_frac, tail_frac)`` of one activation output (reductions on
-    its device, then :func:`activation_fractions`). Same definitions as
-    :func:`gradwatch.activations.activation_stats_from_array`, its host reference.
-
-    Example:
-        >>> y = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
-        >>> activation_stats_on_device(y, "relu", -1, (-float("inf"), float("inf"))).tolist()
-        [0.5, 0.5, 0.0]
-    """
-    parts = activation_reductions_on_device(output, kind, unit_axis, bounds)
-    values = (
-        torch.cat([p.reshape(-1).double() for p in parts]).cpu().numpy()
-        if parts
-        else np.zeros(0)
-    )
-    return torch.tensor(activation_fractions(values, kind, output.numel()))
 
 
 def strip_wrapper_prefixes(name: str) -> str:
@@ -776,7 +606,7 @@ class TorchWatch:
     ) -> StepStats:
         if record.skipped:
             return StepStats(step=record.step, skipped_step=True)
-        grad_cols = [next(host[t.device]).reshape(_GRAD_ROWS, -1) for t in record.grad_parts]
+        grad_cols = [next(host[t.device]).reshape(GRAD_ROWS, -1) for t in record.grad_parts]
         grad_fields: dict[str, Any] = {}
         if record.total_parts:
             squares = sum(float(next(host[t.device])[0]) for t in record.total_parts)
@@ -796,7 +626,13 @@ class TorchWatch:
                 grad_norm=tuple(values[0].tolist()),
                 grad_max_abs=tuple(values[1].tolist()),
                 grad_mean_abs=tuple((values[2] / safe).tolist()),
-                grad_zero_frac=tuple(np.clip(1.0 - values[3] / safe, 0.0, 1.0).tolist()),
+                # A gradient with Inf/NaN has no meaningful zero fraction (and the
+                # per-tensor count skips NaN entries): unknown.
+                grad_zero_frac=tuple(
+                    np.where(
+                        values[4] > 0, np.nan, np.clip(1.0 - values[3] / safe, 0.0, 1.0)
+                    ).tolist()
+                ),
                 grad_nonfinite=tuple(int(v) for v in values[4]),
                 grad_numel=tuple(int(v) for v in numel),
                 param_norm=tuple(values[5].tolist()),
@@ -814,7 +650,7 @@ class TorchWatch:
                         record.act_parts, record.act_kinds, record.act_numel, strict=True
                     )
                 ]
-            ).reshape(-1, _ACT_ROWS)
+            ).reshape(-1, ACT_ROWS)
             act_fields = dict(
                 act_layers=tuple(record.act_names),
                 act_kinds=tuple(record.act_kinds),

@@ -193,8 +193,7 @@ def summary_text(s: dict[str, Any]) -> str:
             f"({s['alarms']}/{s['healthy']} healthy scenarios with a warning or error)",
             f"- precision on faulty scenarios: {s['precision']:.0%} "
             f"({s['extras']} findings beyond the ground truth)",
-            f"- median steps to detect (finding.first_step after onset): "
-            f"{s['median_first_step']}",
+            f"- median steps to detect (finding.first_step after onset): {s['median_first_step']}",
             f"- detected at or after step {DETECT_WITHIN}: {', '.join(s['late']) or 'none'}",
         ]
     )
@@ -211,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.scenarios import keras_scenarios
 
         out = [
-            run_keras(s, args.seed) for s in keras_scenarios()
+            run_keras(s, args.seed)
+            for s in keras_scenarios()
             if not args.only or args.only in s.name
         ]
         print(json.dumps(out))

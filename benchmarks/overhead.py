@@ -181,8 +181,13 @@ def torch_rows(*, quick: bool = False, cnn: bool = True) -> list[str]:
 
 
 # TorchWatch entry points that run in the training loop; their time is gradwatch's.
-_ENTRY_POINTS = ("_begin_backward", "_end_backward", "_end_step", "_on_activation",
-                 "_on_root_output")
+_ENTRY_POINTS = (
+    "_begin_backward",
+    "_end_backward",
+    "_end_step",
+    "_on_activation",
+    "_on_root_output",
+)
 
 
 def instrumented_cost(

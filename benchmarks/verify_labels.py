@@ -111,8 +111,10 @@ def summarise(
                 (n[first] / math.sqrt(numels[first])) / (n[last] / math.sqrt(numels[last]))
             )
     finite_totals = [t for t in totals if math.isfinite(t)]
-    base = totals[onset] if len(totals) > onset and math.isfinite(totals[onset]) else (
-        finite_totals[0] if finite_totals else math.nan
+    base = (
+        totals[onset]
+        if len(totals) > onset and math.isfinite(totals[onset])
+        else (finite_totals[0] if finite_totals else math.nan)
     )
     window_totals = [t for t in totals[lo:hi] if math.isfinite(t)]
     growth = max(window_totals) / base if window_totals and base > 0 else 1.0
@@ -262,9 +264,7 @@ def measure_torch(scn: Scenario, seed: int = 0, steps: int | None = None) -> dic
             d = (p.detach() - before[n]).double()
             update_sq[grp] = update_sq.get(grp, 0.0) + float(torch.nan_to_num(d).pow(2).sum())
             weight_sq[grp] = weight_sq.get(grp, 0.0) + float(before[n].double().pow(2).sum())
-    update = {
-        g: math.sqrt(update_sq[g]) / max(math.sqrt(weight_sq[g]), 1e-12) for g in update_sq
-    }
+    update = {g: math.sqrt(update_sq[g]) / max(math.sqrt(weight_sq[g]), 1e-12) for g in update_sq}
     return summarise(
         losses, norms, zero_fracs, numels, totals, nonfinite, skipped, acts, update, scn.onset
     )
@@ -295,10 +295,19 @@ def row(scn: Scenario, m: dict[str, Any]) -> tuple[str, bool]:
     label = "healthy" if scn.healthy else ", ".join(sorted(expected))
     measured = ", ".join(sorted(found)) or ("healthy" if learns(m) else "not learning")
     cells = [
-        scn.name, label, measured, "yes" if ok else "**NO**",
-        _fmt(m["norm_ratio"]), _fmt(m["rms_ratio"]), _fmt(m["update_ratio"]),
-        _fmt(m["growth"]), _fmt(m["nonfinite_steps"]), _fmt(m["skipped_steps"]),
-        _fmt(m["dead"]), _fmt(m["tail"]), _fmt(m["output_tail"]),
+        scn.name,
+        label,
+        measured,
+        "yes" if ok else "**NO**",
+        _fmt(m["norm_ratio"]),
+        _fmt(m["rms_ratio"]),
+        _fmt(m["update_ratio"]),
+        _fmt(m["growth"]),
+        _fmt(m["nonfinite_steps"]),
+        _fmt(m["skipped_steps"]),
+        _fmt(m["dead"]),
+        _fmt(m["tail"]),
+        _fmt(m["output_tail"]),
         f"{_fmt(m['loss_start'])} -> {_fmt(m['loss_end'])}",
     ]
     return "| " + " | ".join(cells) + " |", ok
@@ -330,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.scenarios.keras_zoo import measure_keras
 
         results = [
-            (s.name, measure_keras(s)) for s in keras_scenarios()
+            (s.name, measure_keras(s))
+            for s in keras_scenarios()
             if not args.only or args.only in s.name
         ]
         print(json.dumps(results))

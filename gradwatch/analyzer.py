@@ -243,9 +243,7 @@ class Analyzer:
             g_param = np.sqrt(np.bincount(idx, p * p, n))
             weighed = np.isfinite(g_norm) & (g_param > 0)
             if len(self._initial_relative) < _BASELINE_STEPS and weighed.any():
-                self._initial_relative.append(
-                    float(np.median(g_norm[weighed] / g_param[weighed]))
-                )
+                self._initial_relative.append(float(np.median(g_norm[weighed] / g_param[weighed])))
         self._grads.push(
             s.step,
             groups,

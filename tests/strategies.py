@@ -25,6 +25,16 @@ layer_names = st.text(
 )
 
 activation_kinds = st.sampled_from(
-    ["relu", "ReLU", "sigmoid", "tanh", "hardtanh", "hard_sigmoid", "relu6", "gelu", "softmax",
-     "mystery"]
+    [
+        "relu",
+        "ReLU",
+        "sigmoid",
+        "tanh",
+        "hardtanh",
+        "hard_sigmoid",
+        "relu6",
+        "gelu",
+        "softmax",
+        "mystery",
+    ]
 )

@@ -32,8 +32,13 @@ class KerasRun:
 
     def fit(self, callbacks: list[Any]) -> Any:
         return self.model.fit(
-            self.x, self.y, batch_size=self.batch_size, epochs=self.epochs, verbose=0,
-            shuffle=False, callbacks=callbacks,
+            self.x,
+            self.y,
+            batch_size=self.batch_size,
+            epochs=self.epochs,
+            verbose=0,
+            shuffle=False,
+            callbacks=callbacks,
         )
 
     @property
@@ -54,7 +59,10 @@ def digits(normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _mlp(
-    sizes: list[int], activation: str, out: int = 10, out_activation: str | None = None,
+    sizes: list[int],
+    activation: str,
+    out: int = 10,
+    out_activation: str | None = None,
     **dense: Any,
 ) -> Any:
     layers: list[Any] = [keras.Input((64,))]
@@ -92,33 +100,43 @@ def vanishing_sigmoid_deep(seed: int) -> KerasRun:
 
 def vanishing_tanh_tiny_init(seed: int) -> KerasRun:
     _seed(seed)
-    return _run(_mlp([64] * 8, "tanh", kernel_initializer=_normal(0.02)),
-                keras.optimizers.SGD(0.1))
+    return _run(_mlp([64] * 8, "tanh", kernel_initializer=_normal(0.02)), keras.optimizers.SGD(0.1))
 
 
 def exploding_large_init(seed: int) -> KerasRun:
     _seed(seed)
-    return _run(_mlp([64] * 6, "relu", kernel_initializer=_normal(0.5)),
-                keras.optimizers.SGD(0.01), epochs=2)
+    return _run(
+        _mlp([64] * 6, "relu", kernel_initializer=_normal(0.5)),
+        keras.optimizers.SGD(0.01),
+        epochs=2,
+    )
 
 
 def exploding_huge_lr(seed: int) -> KerasRun:
     _seed(seed)
-    return _run(_mlp([128] * 4, "relu", kernel_initializer="he_normal"),
-                keras.optimizers.SGD(3.0, momentum=0.9), epochs=2)
+    return _run(
+        _mlp([128] * 4, "relu", kernel_initializer="he_normal"),
+        keras.optimizers.SGD(3.0, momentum=0.9),
+        epochs=2,
+    )
 
 
 def dead_relu_negative_bias(seed: int) -> KerasRun:
     _seed(seed)
-    model = _mlp([128] * 4, "relu", kernel_initializer="he_normal",
-                 bias_initializer=keras.initializers.Constant(-3.0))
+    model = _mlp(
+        [128] * 4,
+        "relu",
+        kernel_initializer="he_normal",
+        bias_initializer=keras.initializers.Constant(-3.0),
+    )
     return _run(model, keras.optimizers.SGD(0.05))
 
 
 def saturation_large_init(seed: int) -> KerasRun:
     _seed(seed)
-    return _run(_mlp([128] * 3, "sigmoid", kernel_initializer=_normal(2.0)),
-                keras.optimizers.SGD(0.05))
+    return _run(
+        _mlp([128] * 3, "sigmoid", kernel_initializer=_normal(2.0)), keras.optimizers.SGD(0.05)
+    )
 
 
 def saturation_unnormalized_inputs(seed: int) -> KerasRun:
@@ -135,8 +153,7 @@ def _naive_bce(y_true: Any, p: Any) -> Any:
 
 def nonfinite_naive_bce(seed: int) -> KerasRun:
     _seed(seed)
-    model = _mlp([64, 64], "relu", out=1, out_activation="sigmoid",
-                 kernel_initializer="he_normal")
+    model = _mlp([64, 64], "relu", out=1, out_activation="sigmoid", kernel_initializer="he_normal")
     return _run(model, keras.optimizers.SGD(0.01), normalize=False, loss=_naive_bce, epochs=2)
 
 
@@ -147,40 +164,50 @@ def healthy_he_relu_batchnorm(seed: int) -> KerasRun:
     _seed(seed)
     layers: list[Any] = [keras.Input((64,))]
     for _ in range(6):
-        layers += [keras.layers.Dense(64, kernel_initializer="he_normal"),
-                   keras.layers.BatchNormalization(), keras.layers.ReLU()]
+        layers += [
+            keras.layers.Dense(64, kernel_initializer="he_normal"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+        ]
     model = keras.Sequential([*layers, keras.layers.Dense(10)])
     return _run(model, keras.optimizers.SGD(0.05, momentum=0.9))
 
 
 def healthy_cnn(seed: int) -> KerasRun:
     _seed(seed)
-    model = keras.Sequential([
-        keras.Input((64,)),
-        keras.layers.Reshape((8, 8, 1)),
-        keras.layers.Conv2D(16, 3, padding="same", activation="relu",
-                            kernel_initializer="he_normal"),
-        keras.layers.Conv2D(16, 3, padding="same", activation="relu",
-                            kernel_initializer="he_normal"),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(10),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Reshape((8, 8, 1)),
+            keras.layers.Conv2D(
+                16, 3, padding="same", activation="relu", kernel_initializer="he_normal"
+            ),
+            keras.layers.Conv2D(
+                16, 3, padding="same", activation="relu", kernel_initializer="he_normal"
+            ),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+        ]
+    )
     return _run(model, keras.optimizers.Adam(3e-3))
 
 
 def healthy_lstm(seed: int) -> KerasRun:
     _seed(seed)
-    model = keras.Sequential([
-        keras.Input((64,)), keras.layers.Reshape((8, 8)), keras.layers.LSTM(32),
-        keras.layers.Dense(10),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Reshape((8, 8)),
+            keras.layers.LSTM(32),
+            keras.layers.Dense(10),
+        ]
+    )
     return _run(model, keras.optimizers.Adam(1e-2))
 
 
 def healthy_sigmoid_output_confident(seed: int) -> KerasRun:
     _seed(seed)
-    model = _mlp([64, 64], "relu", out=1, out_activation="sigmoid",
-                 kernel_initializer="he_normal")
+    model = _mlp([64, 64], "relu", out=1, out_activation="sigmoid", kernel_initializer="he_normal")
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
     x, y = digits()
     return KerasRun(model, x, (y == 0).astype(np.float32)[:, None], epochs=5)
@@ -203,8 +230,12 @@ def healthy_tanh_glorot(seed: int) -> KerasRun:
 
 
 _FAST = {
-    "vanishing_sigmoid_deep", "dead_relu_negative_bias", "saturation_unnormalized_inputs",
-    "nonfinite_naive_bce", "healthy_he_relu_batchnorm", "healthy_sigmoid_output_confident",
+    "vanishing_sigmoid_deep",
+    "dead_relu_negative_bias",
+    "saturation_unnormalized_inputs",
+    "nonfinite_naive_bce",
+    "healthy_he_relu_batchnorm",
+    "healthy_sigmoid_output_confident",
 }
 
 
@@ -219,10 +250,18 @@ _E2 = 2 * math.ceil(1797 / BATCH)
 SCENARIOS: tuple[Scenario, ...] = (
     _s(vanishing_sigmoid_deep, "vanishing_gradient", "15 sigmoid Dense(32), Glorot init", _E5),
     _s(vanishing_tanh_tiny_init, "vanishing_gradient", "8 tanh Dense(64), N(0, 0.02)", _E5),
-    _s(exploding_large_init, "exploding_gradient+nonfinite_gradient",
-       "6 ReLU Dense(64), N(0, 0.5) init", _E2),
-    _s(exploding_huge_lr, "exploding_gradient+nonfinite_gradient",
-       "He ReLU MLP, SGD lr=3 momentum 0.9", _E2),
+    _s(
+        exploding_large_init,
+        "exploding_gradient+nonfinite_gradient",
+        "6 ReLU Dense(64), N(0, 0.5) init",
+        _E2,
+    ),
+    _s(
+        exploding_huge_lr,
+        "exploding_gradient+nonfinite_gradient",
+        "He ReLU MLP, SGD lr=3 momentum 0.9",
+        _E2,
+    ),
     _s(dead_relu_negative_bias, "dead_relu", "He ReLU MLP, biases -3", _E5),
     _s(saturation_large_init, "saturation", "3 sigmoid Dense(128), N(0, 2) init", _E5),
     _s(saturation_unnormalized_inputs, "saturation", "tanh MLP on raw 0..16 pixels", _E5),
@@ -261,7 +300,8 @@ def measure_keras(scn: Scenario, seed: int = 0) -> dict[str, Any]:
     groups = [layer.name for layer in model.layers if layer.trainable_weights]
     numels = {
         layer.name: int(sum(np.prod(w.shape) for w in layer.trainable_weights))
-        for layer in model.layers if layer.trainable_weights
+        for layer in model.layers
+        if layer.trainable_weights
     }
     var_group = {id(w): layer.name for layer in model.layers for w in layer.trainable_weights}
     norms, zero_fracs, totals, nonfinite, acts, losses = [], [], [], [], [], []
@@ -312,12 +352,23 @@ def measure_keras(scn: Scenario, seed: int = 0) -> dict[str, Any]:
     for layer in model.layers:
         if not layer.trainable_weights:
             continue
-        du = sum(float(np.nan_to_num(w.numpy() - before[id(w)]).astype(np.float64).__pow__(2)
-                       .sum()) for w in layer.trainable_weights)
-        ww = sum(float((before[id(w)].astype(np.float64) ** 2).sum())
-                 for w in layer.trainable_weights)
+        du = sum(
+            float(np.nan_to_num(w.numpy() - before[id(w)]).astype(np.float64).__pow__(2).sum())
+            for w in layer.trainable_weights
+        )
+        ww = sum(
+            float((before[id(w)].astype(np.float64) ** 2).sum()) for w in layer.trainable_weights
+        )
         update[layer.name] = math.sqrt(du) / max(math.sqrt(ww), 1e-12)
     return summarise(
-        losses, norms, zero_fracs, {g: numels[g] for g in groups}, totals, nonfinite, 0,
-        acts, update, scn.onset,
+        losses,
+        norms,
+        zero_fracs,
+        {g: numels[g] for g in groups},
+        totals,
+        nonfinite,
+        0,
+        acts,
+        update,
+        scn.onset,
     )

@@ -213,9 +213,7 @@ def dead_relu_lr_spike(seed: int) -> TorchRun:
     _setup(seed)
     model = mlp([64] + [128] * 3 + [10], nn.ReLU, he=True)
     opt = _sgd(model, 0.05)
-    return _classifier_run(
-        model, opt, seed, lr_at=lambda i: 50.0 if i == _SPIKE_STEP else 0.05
-    )
+    return _classifier_run(model, opt, seed, lr_at=lambda i: 50.0 if i == _SPIKE_STEP else 0.05)
 
 
 def saturation_large_init(seed: int) -> TorchRun:
@@ -486,44 +484,72 @@ def _s(
 
 
 SCENARIOS: tuple[Scenario, ...] = (
-    _s(vanishing_sigmoid_deep, "vanishing_gradient",
-       "15 sigmoid layers of width 32, torch default init"),
-    _s(vanishing_tanh_tiny_init, "vanishing_gradient",
-       "8 tanh layers, N(0, 0.02) init"),
-    _s(vanishing_deep_plain_cnn, "vanishing_gradient+dead_relu",
-       "20 plain 3x3 conv+ReLU layers (16 ch), no BN, no skips, default init",
-       fast=False),
-    _s(exploding_large_init, "exploding_gradient+nonfinite_gradient",
-       "6 ReLU layers, N(0, 0.5) init on width 64 (~2.8x gain per layer)"),
-    _s(exploding_huge_lr, "exploding_gradient+nonfinite_gradient",
-       "He-init ReLU MLP, SGD lr=3 momentum 0.9"),
-    _s(exploding_rnn_recurrent_weights, "exploding_gradient",
-       "ReLU RNN, recurrent weights orthogonal x1.5, 32 time steps, SGD lr=0.1"),
-    _s(dead_relu_negative_bias, "dead_relu",
-       "He-init ReLU MLP with every hidden bias at -3"),
-    _s(dead_relu_lr_spike, "dead_relu+exploding_gradient",
-       f"healthy ReLU MLP hit by one lr=50 step at step {_SPIKE_STEP}",
-       steps=160, onset=_SPIKE_STEP),
-    _s(saturation_large_init, "saturation",
-       "3 sigmoid layers, N(0, 2) init on width 128"),
-    _s(saturation_unnormalized_inputs, "saturation",
-       "tanh MLP, Xavier init, raw 0..16 pixel inputs"),
-    _s(nonfinite_naive_bce, "nonfinite_gradient",
-       "hand-written BCE log(1 - sigmoid(z)) on raw pixels: log(0)"),
-    _s(nonfinite_sqrt_distance, "nonfinite_gradient",
-       "distance loss sqrt(|f(a) - f(b)|^2) with identical pairs: d sqrt(0) = NaN"),
+    _s(
+        vanishing_sigmoid_deep,
+        "vanishing_gradient",
+        "15 sigmoid layers of width 32, torch default init",
+    ),
+    _s(vanishing_tanh_tiny_init, "vanishing_gradient", "8 tanh layers, N(0, 0.02) init"),
+    _s(
+        vanishing_deep_plain_cnn,
+        "vanishing_gradient+dead_relu",
+        "20 plain 3x3 conv+ReLU layers (16 ch), no BN, no skips, default init",
+        fast=False,
+    ),
+    _s(
+        exploding_large_init,
+        "exploding_gradient+nonfinite_gradient",
+        "6 ReLU layers, N(0, 0.5) init on width 64 (~2.8x gain per layer)",
+    ),
+    _s(
+        exploding_huge_lr,
+        "exploding_gradient+nonfinite_gradient",
+        "He-init ReLU MLP, SGD lr=3 momentum 0.9",
+    ),
+    _s(
+        exploding_rnn_recurrent_weights,
+        "exploding_gradient",
+        "ReLU RNN, recurrent weights orthogonal x1.5, 32 time steps, SGD lr=0.1",
+    ),
+    _s(dead_relu_negative_bias, "dead_relu", "He-init ReLU MLP with every hidden bias at -3"),
+    _s(
+        dead_relu_lr_spike,
+        "dead_relu+exploding_gradient",
+        f"healthy ReLU MLP hit by one lr=50 step at step {_SPIKE_STEP}",
+        steps=160,
+        onset=_SPIKE_STEP,
+    ),
+    _s(saturation_large_init, "saturation", "3 sigmoid layers, N(0, 2) init on width 128"),
+    _s(
+        saturation_unnormalized_inputs,
+        "saturation",
+        "tanh MLP, Xavier init, raw 0..16 pixel inputs",
+    ),
+    _s(
+        nonfinite_naive_bce,
+        "nonfinite_gradient",
+        "hand-written BCE log(1 - sigmoid(z)) on raw pixels: log(0)",
+    ),
+    _s(
+        nonfinite_sqrt_distance,
+        "nonfinite_gradient",
+        "distance loss sqrt(|f(a) - f(b)|^2) with identical pairs: d sqrt(0) = NaN",
+    ),
     _s(healthy_he_relu_mlp, HEALTHY, "He-init 4x128 ReLU MLP, SGD momentum"),
     _s(healthy_bn_residual_cnn, HEALTHY, "BatchNorm residual CNN, 6 blocks (13 convs)"),
     _s(healthy_preln_transformer, HEALTHY, "3-layer pre-LN Transformer encoder, AdamW"),
     _s(healthy_lstm, HEALTHY, "LSTM over the 8 rows of a digit, Adam"),
-    _s(healthy_sigmoid_output_confident, HEALTHY,
-       "nn.Sigmoid output + BCELoss trained to confident predictions", steps=150),
+    _s(
+        healthy_sigmoid_output_confident,
+        HEALTHY,
+        "nn.Sigmoid output + BCELoss trained to confident predictions",
+        steps=150,
+    ),
     _s(healthy_relu_sparsity, HEALTHY, "normal ReLU sparsity: 20-30% of units idle per batch"),
     _s(healthy_frozen_backbone, HEALTHY, "first 3 layers frozen, no gradient"),
     _s(healthy_amp_bf16_gradscaler, HEALTHY, "CPU bf16 autocast + torch.amp.GradScaler"),
     _s(healthy_grad_accumulation, HEALTHY, "4 micro-batches accumulated per step"),
-    _s(healthy_lr_warmup, HEALTHY, "GELU MLP, AdamW with linear warm-up from lr=1e-6",
-       steps=150),
+    _s(healthy_lr_warmup, HEALTHY, "GELU MLP, AdamW with linear warm-up from lr=1e-6", steps=150),
     _s(healthy_tanh_xavier_mlp, HEALTHY, "4 tanh layers, Xavier init"),
     _s(healthy_shallow_sigmoid_mlp, HEALTHY, "2 sigmoid layers, default init"),
 )

@@ -89,9 +89,7 @@ def test_healthy_summary_line():
 
 
 def test_many_layers_are_elided_in_the_middle():
-    layers = tuple(
-        LayerSummary(f"l{i}", 1, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0, 1) for i in range(100)
-    )
+    layers = tuple(LayerSummary(f"l{i}", 1, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0, 1) for i in range(100))
     text = Report(layers=layers, steps_observed=1).render()
     assert "... 60 more" in text and "l0 " in text and "l99" in text and "l50 " not in text
 
@@ -130,4 +128,3 @@ def test_plot_writes_a_non_blank_png(tmp_path):
         assert image.size[0] > 600 and image.size[1] > 200
         extrema = image.convert("L").getextrema()
         assert extrema[1] - extrema[0] > 100  # not a blank canvas
-

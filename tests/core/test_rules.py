@@ -34,7 +34,6 @@ def test_vanishing_deep_sigmoid_stack_names_first_layers_and_ranks_activation_fi
     assert f.evidence["per_layer_decay"] == pytest.approx(0.25, rel=0.1)
 
 
-
 def test_steady_decay_through_a_deep_stack_is_vanishing_without_an_extreme_ratio():
     # x0.6 per layer over 10 layers: first/last = 1e-2, above AUTOTRAINER's 1e-3, but a
     # steady geometric shrink through the depth (a deep sigmoid net with N(0,1) init).
@@ -48,6 +47,7 @@ def test_steady_decay_through_a_deep_stack_is_vanishing_without_an_extreme_ratio
 def test_mild_decay_or_shallow_nets_stay_quiet(depth, factor):
     an = run(60, lambda s, rng: grad_step(s, noisy(decaying(depth, factor), rng, 0.1)))
     assert "vanishing_gradient" not in rule_ids(an, "info")
+
 
 def test_vanishing_in_relu_net_recommends_normalisation_or_residuals_first():
     an = run(60, lambda s, rng: grad_step(s, noisy(decaying(10, 0.25), rng), acts=RELU_ACTS))
@@ -143,7 +143,6 @@ def test_exploding_across_steps_suggests_clipping_calibrated_on_healthy_norms():
     assert f"{f.evidence['suggested_max_norm']:.3g}" in f.fixes[0].text
 
 
-
 def test_explosion_inside_the_warm_up_is_caught_against_the_initial_norm():
     # Norms jump 1e5x at step 4 and stay there: no healthy window exists after warm-up.
     def make(step: int, rng: np.random.Generator):
@@ -153,6 +152,7 @@ def test_explosion_inside_the_warm_up_is_caught_against_the_initial_norm():
     f = run(60, make).report().by_rule("exploding_gradient")
     assert f is not None and f.fixes[0].id == "gradient_clipping"
     assert f.evidence["suggested_max_norm"] == pytest.approx(2 * np.hypot(0.5, 1.0), rel=0.2)
+
 
 def _sized_step(step: int, grad: float, weight: float):
     # Flat norms across layers and steps: only the size relative to the weights tells.

@@ -35,8 +35,16 @@ def test_demo_diagnoses_vanishing_then_the_fix_trains_better(tmp_path):
 def test_next_spec_applies_the_top_ranked_applicable_fix():
     from gradwatch import Finding, Fix
 
-    finding = Finding("vanishing_gradient", "warning", ("fc0",), 0, 9, "m", {},
-                      (Fix("residual", "r"), Fix("he_init", "h")))
+    finding = Finding(
+        "vanishing_gradient",
+        "warning",
+        ("fc0",),
+        0,
+        9,
+        "m",
+        {},
+        (Fix("residual", "r"), Fix("he_init", "h")),
+    )
     spec, fix_id, _ = next_spec(NetSpec(), Report(findings=(finding,)))
     assert fix_id == "residual" and spec.residual and spec.activation == "sigmoid"
     same, none_id, _ = next_spec(NetSpec(), Report())

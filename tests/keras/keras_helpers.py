@@ -50,6 +50,12 @@ def mlp(
 def fit(model: Any, callbacks: list[Any], epochs: int = 1, batch_size: int = 16, **kw: Any) -> Any:
     x, y = kw.pop("xy", None) or data()
     return model.fit(
-        x, y, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=False,
-        callbacks=callbacks, **kw,
+        x,
+        y,
+        batch_size=batch_size,
+        epochs=epochs,
+        verbose=0,
+        shuffle=False,
+        callbacks=callbacks,
+        **kw,
     )

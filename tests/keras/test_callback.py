@@ -74,8 +74,12 @@ def test_reads_the_gradients_the_optimizer_applies() -> None:
     assert stats.grad_layers == tuple(v.path for v in model.trainable_variables)
     for i, (b, a, ref) in enumerate(zip(before, after, reference, strict=True)):
         applied = (b - a) / 0.1  # plain SGD: w <- w - lr * g
-        seen = (stats.grad_norm[i], stats.grad_max_abs[i], stats.grad_mean_abs[i],
-                stats.grad_zero_frac[i])
+        seen = (
+            stats.grad_norm[i],
+            stats.grad_max_abs[i],
+            stats.grad_mean_abs[i],
+            stats.grad_zero_frac[i],
+        )
         np.testing.assert_allclose(seen[:3], _stats(applied)[:3], rtol=1e-3)
         np.testing.assert_allclose(seen, _stats(ref), rtol=1e-4, atol=1e-7)
         assert stats.grad_numel[i] == ref.size
@@ -157,8 +161,9 @@ class _StepRecorder(keras.callbacks.Callback):
 
 def _patched(model):
     objs = [model, model.optimizer, *model._flatten_layers(include_self=False)]
-    return [(type(o).__name__, n) for o in objs for n in ("apply", "call", "train_step")
-            if n in vars(o)]
+    return [
+        (type(o).__name__, n) for o in objs for n in ("apply", "call", "train_step") if n in vars(o)
+    ]
 
 
 def test_everything_is_restored_after_fit_and_a_later_fit_runs_unwatched() -> None:
@@ -204,7 +209,10 @@ def test_functional_model_names_and_output_activation() -> None:
     kinds = dict(zip(s.act_layers, s.act_kinds, strict=True))
     assert kinds == {"leaky": "leaky_relu", "branch": "tanh", "out": "sigmoid"}
     assert dict(zip(s.act_layers, s.act_is_output, strict=True)) == {
-        "leaky": False, "branch": False, "out": True}
+        "leaky": False,
+        "branch": False,
+        "out": True,
+    }
 
 
 class SubclassedNet(keras.Model):
@@ -239,7 +247,8 @@ def test_tensorflow_compile_options(kw) -> None:
     model = _small_model()
     model.compile(
         optimizer=keras.optimizers.SGD(0.1),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), **kw,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **kw,
     )
     cb = _cb(flush_every=2)
     seen = []

@@ -182,8 +182,12 @@ def test_total_norm_of_unsampled_steps_matches_naive_reference() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     never = gradwatch.every(10**9, dense_until=0)
     gw = gradwatch.watch(
-        model, opt, grad_schedule=lambda s: False, activation_schedule=never,
-        on_finding="ignore", show=False,
+        model,
+        opt,
+        grad_schedule=lambda s: False,
+        activation_schedule=never,
+        on_finding="ignore",
+        show=False,
     )
     seen = record_stats(gw)
     model(torch.randn(20, 32)).pow(2).mean().backward()
@@ -193,3 +197,96 @@ def test_total_norm_of_unsampled_steps_matches_naive_reference() -> None:
     assert len(seen) == 1 and not seen[0].grad_layers
     assert seen[0].grad_total_norm == pytest.approx(expected, rel=1e-5)
     gw.close()
+
+
+def test_large_gradients_reduced_in_slices_match_numpy_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Slices of 7 rows (and one whole oversized row) instead of one pass per tensor.
+    from gradwatch.adapters import torch_reductions
+
+    monkeypatch.setattr(torch_reductions, "SMALL_GRAD_NUMEL", 4)
+    monkeypatch.setattr(torch_reductions, "CHUNK_NUMEL", 64)
+    gen = torch.Generator().manual_seed(4)
+    grads = [
+        torch.randn(50, 9, generator=gen),
+        torch.randn(3, 200, generator=gen),  # rows larger than a slice
+        torch.randn(40, 5, generator=gen).t(),  # non-contiguous
+        torch.randn(30, generator=gen),
+    ]
+    grads[0][5:20] = 0.0
+    out = grad_stats_on_device(grads).double().numpy()
+    for j, g in enumerate(grads):
+        norm, max_abs, mean_abs, zero_frac, _, numel = _naive(g)
+        assert out[0, j] == pytest.approx(norm, rel=1e-5)
+        assert out[1, j] == pytest.approx(max_abs, rel=1e-6)
+        assert out[2, j] / numel == pytest.approx(mean_abs, rel=1e-5)
+        assert 1.0 - out[3, j] / numel == pytest.approx(zero_frac)
+
+
+def test_small_and_large_gradients_in_one_group_keep_their_order() -> None:
+    from gradwatch.adapters.torch_reductions import SMALL_GRAD_NUMEL
+
+    gen = torch.Generator().manual_seed(5)
+    big = SMALL_GRAD_NUMEL + 1
+    grads = [torch.randn(n, generator=gen) * (j + 1) for j, n in enumerate((3, big, 5, 7, big, 2))]
+    out = grad_stats_on_device(grads).double().numpy()
+    for j, g in enumerate(grads):
+        assert out[0, j] == pytest.approx(_naive(g)[0], rel=1e-5)
+
+
+def test_half_precision_gradients_accumulate_in_float32() -> None:
+    from gradwatch.adapters.torch_reductions import SMALL_GRAD_NUMEL
+
+    g = torch.full((SMALL_GRAD_NUMEL * 2,), 0.5, dtype=torch.bfloat16)
+    g[:100] = 0.0
+    out = grad_stats_on_device([g]).double().numpy()[:, 0]
+    n = g.numel()
+    assert out[0] == pytest.approx(0.5 * math.sqrt(n - 100), rel=1e-3)
+    assert out[2] == pytest.approx(0.5 * (n - 100), rel=1e-3)  # bf16 sums would stall
+    assert out[3] == n - 100
+
+
+def test_nan_in_a_large_gradient_leaves_its_zero_fraction_unknown() -> None:
+    model = nn.Sequential(nn.Linear(200, 200), nn.Linear(200, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    gw = gradwatch.watch(model, opt, grad_schedule=EVERY_STEP, on_finding="ignore", show=False)
+    seen = record_stats(gw)
+    model(torch.randn(4, 200)).sum().backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    opt.step()
+    gw.flush()
+    s = seen[0]
+    i = s.grad_layers.index("0.weight")
+    assert s.grad_nonfinite[i] >= 1
+    assert math.isnan(s.grad_zero_frac[i])
+    assert s.grad_zero_frac[s.grad_layers.index("1.weight")] == pytest.approx(0.0)
+    gw.close()
+
+
+@pytest.mark.parametrize("kind", ["relu", "gelu", "sigmoid", "hard_tanh"])
+def test_activation_stats_with_nan_and_slices_match_numpy_reference(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # NaN outputs are neither inactive nor in a tail; values exactly on a hard bound
+    # are in it. Slices of 3 rows exercise the chunked path.
+    from gradwatch.adapters import torch_reductions
+
+    monkeypatch.setattr(torch_reductions, "CHUNK_NUMEL", 3 * 6)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(10, 6, generator=gen) * 4
+    y = {
+        "relu": torch.relu,
+        "gelu": nn.functional.gelu,
+        "sigmoid": torch.sigmoid,
+        "hard_tanh": nn.functional.hardtanh,
+    }[kind](x)
+    y[0, :] = float("nan")
+    y[:, 2] = float("nan")
+    if kind == "relu":
+        y[:, 4] = 0.0  # dead
+    got = activation_stats_on_device(y, kind, -1, tail_bounds(kind)).double().numpy()
+    want = activation_stats_from_array(y.numpy(), kind, -1)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    if kind == "hard_tanh":
+        assert got[2] > 0.2  # the plateaus at exactly +-1 count as tail

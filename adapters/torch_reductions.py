@@ -1,0 +1,373 @@
+"""Device-side reductions of the PyTorch adapter: gradient and activation statistics
+computed where the tensors live, with nothing copied to the host.
+
+The cost of a sampled step is memory traffic, so each tensor is read from memory once
+and every further statistic runs on it while it is still in cache: ``|g|`` goes into a
+reused scratch buffer, then its sum, its max, and (through ``sign``) its count of
+non-zero entries are taken in turn. Comparisons and ``count_nonzero`` are avoided on
+purpose: on CPU they cost 4-40x a float reduction over the same data (measured in
+``benchmarks/overhead.py``'s notes, docs/benchmarks.md).
+
+Example:
+    >>> import torch
+    >>> grad_stats_on_device([torch.tensor([3.0, -4.0, 0.0])])[:5, 0].tolist()
+    [5.0, 4.0, 7.0, 2.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from gradwatch.activations import CAN_DIE, CAN_SATURATE, SQUASHING
+
+# Rows of grad_stats_on_device's result and of an activation's fractions.
+GRAD_ROWS = 6
+ACT_ROWS = 3
+
+# At or below this many entries a gradient is launch-bound, not bandwidth-bound:
+# groups of such tensors are reduced together in one flat pass (cat + index_add)
+# instead of ~4 kernels each. benchmarks/scaling.py: with 500 layers of width 32
+# the per-tensor path spent ~1 ms per step on kernel launches alone.
+SMALL_GRAD_NUMEL = 16_384
+# The flat pass pays ~15 fixed ops, so it only helps from a handful of tensors on.
+_FLAT_MIN_TENSORS = 4
+# Larger tensors are reduced in slices of at most this many entries (4 MB of float32):
+# each slice stays in cache across its statistics, and the scratch buffer stays small
+# even for a 50M-entry embedding gradient or a large convolution output.
+CHUNK_NUMEL = 1 << 20
+
+
+def grad_stats_on_device(
+    grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Gradient statistics of dense tensors sharing one device and dtype, on that device.
+
+    Returns a ``(6, len(grads))`` float32 tensor with rows: L2 norm, max |g|, sum |g|,
+    number of non-zero entries, non-finite entries, and the L2 norm of each parameter
+    in ``params`` (one more fused ``torch._foreach_norm``; NaN without ``params``).
+    Nothing is copied to the host.
+
+    Two paths, same results on finite gradients. Small tensors (at most
+    :data:`SMALL_GRAD_NUMEL` entries, when there are a few of them) are concatenated
+    and reduced in one flat pass, whose non-finite row is an exact count. Larger ones
+    are reduced one at a time on ``|g|`` while it is in cache (see :func:`_abs_stats`);
+    their non-finite row is a 0/1 flag, a lower bound of the count. With non-finite
+    entries the norm, max and sum are Inf/NaN and the non-zero count of a large
+    tensor leaves NaN entries out; the adapter reports those as unknown.
+
+    Example:
+        >>> grad_stats_on_device([torch.tensor([3.0, -4.0, 0.0])])[:5, 0].tolist()
+        [5.0, 4.0, 7.0, 2.0, 0.0]
+    """
+    with torch.no_grad():
+        device = grads[0].device
+        weights = (
+            torch.stack(torch._foreach_norm(list(params))).float()
+            if params is not None
+            else torch.full((len(grads),), float("nan"), device=device)
+        )
+        small = [j for j, g in enumerate(grads) if g.numel() <= SMALL_GRAD_NUMEL]
+        if len(small) < _FLAT_MIN_TENSORS:
+            small = []
+        large = [j for j, g in enumerate(grads) if g.numel() > SMALL_GRAD_NUMEL or not small]
+        blocks = []
+        if small:
+            blocks.append(_flat_grad_stats([grads[j] for j in small]))
+        if large:
+            blocks.append(_abs_stats([grads[j] for j in large]))
+        stats = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        if small and large:  # back to the order of ``grads``
+            stats = stats[:, _inverse_order(tuple(small + large), str(device))]
+        return torch.cat([stats, weights.unsqueeze(0)])
+
+
+@functools.lru_cache(maxsize=32)
+def _inverse_order(order: tuple[int, ...], device: str) -> torch.Tensor:
+    """Column indices that put columns listed in ``order`` back in ``0..n-1`` order."""
+    return torch.tensor(order).argsort().to(device)
+
+
+def _abs_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rows 0-4 of :func:`grad_stats_on_device` for tensors reduced one at a time.
+
+    The first pass writes ``|g|`` into a reused scratch buffer (a fresh temporary per
+    tensor costs page faults, ~6x the sum itself on CPU); the squared norm (a dot
+    product), sum, max and non-zero count then read it while it is in cache. ``sign``
+    of ``|g|`` is 1 exactly where ``g`` is non-zero (0 for NaN on CPU), so its sum is
+    the count: 4-40x
+    cheaper on CPU than ``count_nonzero``, whose branches mispredict on mixed zeros.
+    """
+    squares: list[torch.Tensor] = []
+    sums: list[torch.Tensor] = []
+    maxes: list[torch.Tensor] = []
+    counts: list[torch.Tensor] = []
+    # float32 sums need no cast (plain sum is ~30% faster); others accumulate in float32.
+    accumulate = None if grads[0].dtype == torch.float32 else torch.float32
+    for g in grads:
+        part_squares, part_sums, part_maxes, part_counts = [], [], [], []
+        for piece in _slices(g):  # one slice at a time: they share the scratch buffer
+            a = torch.abs(piece, out=_scratch_like(piece))
+            part_squares.append(_sum_of_squares(a))
+            part_sums.append(a.sum(dtype=accumulate))
+            part_maxes.append(a.amax())
+            part_counts.append(a.sign_().sum(dtype=accumulate))
+        squares.append(_combine(part_squares, torch.sum))
+        sums.append(_combine(part_sums, torch.sum))
+        maxes.append(_combine(part_maxes, torch.amax))
+        counts.append(_combine(part_counts, torch.sum))
+    max_abs = torch.stack(maxes).float()
+    # max |g| cannot overflow, so it is non-finite exactly when an entry is.
+    nonfinite = (~torch.isfinite(max_abs)).float()
+    return torch.stack(
+        [
+            torch.stack(squares).float().sqrt(),
+            max_abs,
+            torch.stack(sums).float(),
+            torch.stack(counts).float(),
+            nonfinite,
+        ]
+    )
+
+
+def _sum_of_squares(a: torch.Tensor) -> torch.Tensor:
+    """``sum(a**2)`` of a scratch view: one BLAS dot for float32, else accumulated in
+    float32."""
+    flat = _scratch_view((a.numel(),), a.dtype, a.device)
+    if a.dtype == torch.float32:
+        return torch.dot(flat, flat)
+    squares: torch.Tensor = torch.linalg.vector_norm(flat, dtype=torch.float32).square()
+    return squares
+
+
+def _scratch_like(piece: torch.Tensor) -> torch.Tensor:
+    """A contiguous view of the shared scratch buffer shaped like ``piece``."""
+    return _scratch_view(piece.shape, piece.dtype, piece.device)
+
+
+def _scratch_view(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A contiguous ``shape`` view of the scratch buffer's first entries. Views are
+    cached: slicing and viewing cost ~10 us of Python per call, as much as the
+    reduction of a 64K-entry activation."""
+    key = (tuple(shape), dtype, device)
+    view = _SCRATCH_VIEWS.get(key)
+    if view is None:
+        if len(_SCRATCH_VIEWS) >= _MAX_SCRATCH_VIEWS:  # e.g. varying sequence lengths
+            _SCRATCH_VIEWS.clear()
+        n = math.prod(shape)
+        view = _scratch(n, dtype, device)[:n].view(shape)
+        _SCRATCH_VIEWS[key] = view
+    return view
+
+
+def _combine(values: list[torch.Tensor], reduce: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """One 0-d result from the per-slice results (no op for a single slice)."""
+    return values[0] if len(values) == 1 else reduce(torch.stack(values))
+
+
+def _slices(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``t`` as views of at most :data:`CHUNK_NUMEL` entries, split along dim 0 (any
+    strides; a single row larger than that stays whole)."""
+    if t.dim() == 0:
+        yield t.reshape(1)
+        return
+    if t.numel() <= CHUNK_NUMEL or t.shape[0] <= 1:
+        yield t
+        return
+    rows = max(1, CHUNK_NUMEL // max(1, t[0].numel()))
+    yield from torch.split(t, rows)
+
+
+def _flat_grad_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The one-pass path of :func:`grad_stats_on_device` for many small tensors."""
+    device = grads[0].device
+    segment = _segment_ids(tuple(g.numel() for g in grads), str(device))
+    flat = torch.cat([g.reshape(-1) for g in grads]).float()
+    a = flat.abs()
+    features = torch.stack([a * a, a, (flat != 0).float(), (~torch.isfinite(flat)).float()])
+    sums = torch.zeros(4, len(grads), device=device).index_add_(1, segment, features)
+    max_abs = torch.zeros(len(grads), device=device).scatter_reduce_(
+        0, segment, a, "amax", include_self=True
+    )
+    return torch.stack([sums[0].sqrt(), max_abs, sums[1], sums[2], sums[3]])
+
+
+_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_SCRATCH_VIEWS: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
+_MAX_SCRATCH_VIEWS = 256
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable 1-D buffer of at least ``numel`` entries (one per dtype and device).
+    Reuse is safe on a device: kernels on one stream run in issue order."""
+    key = (dtype, device)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype, device=device)
+        _SCRATCH[key] = buffer
+        _SCRATCH_VIEWS.clear()  # views of the old buffer would keep it alive
+    return buffer
+
+
+@functools.lru_cache(maxsize=32)
+def _segment_ids(sizes: tuple[int, ...], device: str) -> torch.Tensor:
+    """``[0]*sizes[0] + [1]*sizes[1] + ...`` on ``device``, cached per layout."""
+    counts = torch.tensor(sizes)
+    return torch.repeat_interleave(torch.arange(len(sizes)), counts).to(device)
+
+
+# --- activations ----------------------------------------------------------------------
+
+
+def unit_axis_of(output: torch.Tensor) -> int:
+    """The feature/channel axis of an activation output: ``1`` for NCHW/NCDHW conv
+    maps (4-D, 5-D), else the last axis (``(N, C)``, transformer ``(N, L, E)``).
+
+    >>> unit_axis_of(torch.zeros(2, 3, 4, 4)), unit_axis_of(torch.zeros(2, 5))
+    (1, -1)
+    """
+    return 1 if output.dim() >= 4 else -1
+
+
+def activation_reductions_on_device(
+    output: torch.Tensor, kind: str, unit_axis: int, bounds: tuple[float, float]
+) -> list[torch.Tensor]:
+    """The few device reductions an activation sample needs; the fractions are finished
+    on the host by :func:`activation_fractions` after the flush.
+
+    In order, only where the kind needs them:
+
+    * ReLU family (``CAN_DIE``, outputs ``>= 0``): each unit's count of active
+      (``> 0``) outputs over the batch and every other axis. The inactive fraction and
+      the dead units (count 0) both follow from it;
+    * other non-squashing kinds: the count of active outputs;
+    * kinds with flat tails: the count of outputs in the tails.
+
+    Counts are sums of ``sign`` over a scratch buffer (a float reduction; comparisons
+    and ``count_nonzero`` cost 4-10x more on CPU). As in the host reference
+    :func:`gradwatch.activations.activation_stats_from_array`, a NaN output is neither
+    inactive nor in a tail.
+    """
+    with torch.no_grad():
+        y = output.detach()
+        parts: list[torch.Tensor] = []
+        if kind in CAN_DIE:
+            parts.append(_active_per_unit(y, unit_axis))
+        elif kind not in SQUASHING:
+            parts.append(_count_positive(y))
+        if kind in CAN_SATURATE:
+            parts.append(_count_in_tails(y, bounds))
+        return parts
+
+
+def _active_per_unit(y: torch.Tensor, unit_axis: int) -> torch.Tensor:
+    """Per unit, the count of active entries (see :func:`_active_into`). A 0-d or 1-D
+    output is one sample: each entry is its own unit."""
+    if y.dim() <= 1:
+        flat = y.reshape(-1)
+        return _active_into(flat, torch.empty_like(flat)).float()
+    axis = unit_axis % y.dim()
+    dims = tuple(d for d in range(y.dim()) if d != axis)
+    counts = [
+        _active_into(piece, _scratch_like(piece)).sum(dim=dims, dtype=torch.float32)
+        for piece in _slices(y)
+    ]
+    return counts[0] if len(counts) == 1 else torch.stack(counts).sum(dim=0)
+
+
+def _count_positive(y: torch.Tensor) -> torch.Tensor:
+    """The count of active entries (see :func:`_active_into`)."""
+    counts = [
+        _active_into(piece, _scratch_like(piece)).sum(dtype=torch.float32) for piece in _slices(y)
+    ]
+    return _combine(counts, torch.sum)
+
+
+def _active_into(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = 1 where ``y > 0`` or NaN (a NaN output is not inactive, as in the host
+    reference), else 0: ``ceil(clamp(y, 0, 1))`` with NaN set to 1. ``sign`` would be
+    one op less but maps NaN to 0 on CPU."""
+    return torch.clamp(y, min=0, max=1, out=out).nan_to_num_(nan=1.0).ceil_()
+
+
+def _count_in_tails(y: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    """Entries with ``y <= lo or y >= hi`` (NaN is in no tail). Every tail in
+    gradwatch.activations is either symmetric about a centre ``c`` (``|y - c| >= h``)
+    or one-sided (``lo = -inf``); both become ``sign(d - h') = 1`` with ``h'`` the next
+    float below ``h`` in ``y``'s dtype, so a value exactly on the bound (hard tanh's
+    plateau) counts."""
+    lo, hi = bounds
+    counts = []
+    for piece in _slices(y):
+        out = _scratch_like(piece)
+        if math.isinf(lo):
+            distance, half = torch.sub(piece, 0.0, out=out), hi
+        else:
+            centre = (lo + hi) / 2.0
+            distance, half = torch.sub(piece, centre, out=out).abs_(), (hi - lo) / 2.0
+        below = _next_below(half, piece.dtype)
+        # sign is 1 in a tail; NaN (0 on CPU, NaN elsewhere) is in no tail.
+        in_tail = distance.sub_(below).sign_().nan_to_num_(nan=0.0).clamp_(min=0)
+        counts.append(in_tail.sum(dtype=torch.float32))
+    return _combine(counts, torch.sum)
+
+
+@functools.lru_cache(maxsize=64)
+def _next_below(value: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` below ``value``, as a Python float."""
+    if math.isinf(value):
+        return value
+    exact = torch.tensor(value, dtype=dtype)
+    return float(torch.nextafter(exact, torch.tensor(-math.inf, dtype=dtype)))
+
+
+def activation_fractions(values: np.ndarray, kind: str, numel: int) -> tuple[float, float, float]:
+    """``(inactive_frac, dead_frac, tail_frac)`` from :func:`activation_reductions_on_device`
+    values, concatenated and copied to the host."""
+    n = max(1, numel)
+    inactive = dead = tail = 0.0
+    if kind in CAN_SATURATE:
+        tail = float(values[-1]) / n
+        values = values[:-1]
+    if kind in CAN_DIE:
+        inactive = 1.0 - float(np.sum(values)) / n
+        dead = float(np.mean(values <= 0))
+    elif kind not in SQUASHING:  # tanh is negative half the time: "inactive" means nothing
+        inactive = 1.0 - float(values[0]) / n
+    return inactive, dead, tail
+
+
+def activation_stats_on_device(
+    output: torch.Tensor, kind: str, unit_axis: int, bounds: tuple[float, float]
+) -> torch.Tensor:
+    """``(inactive_frac, dead_frac, tail_frac)`` of one activation output (reductions on
+    its device, then :func:`activation_fractions`). Same definitions as
+    :func:`gradwatch.activations.activation_stats_from_array`, its host reference.
+
+    Example:
+        >>> y = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
+        >>> activation_stats_on_device(y, "relu", -1, (-float("inf"), float("inf"))).tolist()
+        [0.5, 0.5, 0.0]
+    """
+    parts = activation_reductions_on_device(output, kind, unit_axis, bounds)
+    values = (
+        torch.cat([p.reshape(-1).double() for p in parts]).cpu().numpy() if parts else np.zeros(0)
+    )
+    return torch.tensor(activation_fractions(values, kind, output.numel()))
+
+
+__all__ = [
+    "ACT_ROWS",
+    "CHUNK_NUMEL",
+    "GRAD_ROWS",
+    "SMALL_GRAD_NUMEL",
+    "activation_fractions",
+    "activation_reductions_on_device",
+    "activation_stats_on_device",
+    "grad_stats_on_device",
+    "unit_axis_of",
+]
