@@ -272,6 +272,12 @@ class TorchWatch:
         self._manual = False
         self._has_optimizer = optimizer is not None
         self._handles: list[Any] = []
+        # Activation sites (found once) and the hooks/probes live while a step is sampled.
+        self._module_sites: list[tuple[weakref.ref[nn.Module], _ActivationSite]] = []
+        self._functional_sites: list[
+            tuple[weakref.ref[nn.Module], str, Callable[..., Any], _ActivationSite]
+        ] = []
+        self._act_handles: list[Any] = []
         self._probes: list[tuple[nn.Module, str, Callable[..., Any]]] = []
         self._pending: list[_PendingStep] = []
         root = _unwrap(model)
@@ -282,9 +288,11 @@ class TorchWatch:
         self._hooked: set[int] = set()
         self._groups_key: tuple[tuple[Any, ...], ...] | None = None
         self._groups: list[_GradGroup] = []
+        self._layouts: dict[tuple[int, ...], tuple[np.ndarray, tuple[str, ...], np.ndarray]] = {}
         self._in_backward = False
         self._backwards_since_step = 0
         self._act_sampling = False
+        self._root_ref: weakref.ref[nn.Module] | None = None
         self._activations = activations
         self._step_acts: dict[str, tuple[str, int, list[torch.Tensor]]] = {}
         self._fwd_calls: dict[str, int] = {}
@@ -315,8 +323,8 @@ class TorchWatch:
                 "its graph); dead_relu and saturation judge gradients only."
             )
         elif activations:
-            self._hook_activations(root)
-        self._act_sampling = self._activations and bool(self._activation_schedule(0))
+            self._find_activation_sites(root)
+        self._set_act_sampling(self._activations and bool(self._activation_schedule(0)))
 
     # --- public ----------------------------------------------------------------------
 
@@ -382,9 +390,9 @@ class TorchWatch:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module, attr, original in self._probes:
-            module.__dict__[attr] = original
-        self._probes.clear()
+        self._set_act_sampling(False)
+        self._module_sites.clear()
+        self._functional_sites.clear()
         self._pending.clear()
         self._step_acts.clear()
         self._params = []
@@ -435,18 +443,14 @@ class TorchWatch:
             self._hooked.add(index)
             self._handles.append(param.register_hook(self._weak(_on_grad_ready)))  # type: ignore[no-untyped-call]
 
-    def _hook_activations(self, root: nn.Module) -> None:
-        sites = 0
+    def _find_activation_sites(self, root: nn.Module) -> None:
         for raw_name, module in root.named_modules():
             name = strip_wrapper_prefixes(raw_name) or type(module).__name__.lower()
             cls = type(module).__name__
             kind = kind_from_name(cls)
             if kind != "other" and cls not in _NOT_OBSERVED and not any(module.children()):
                 site = _ActivationSite(name, kind, tail_bounds(kind))
-                self._handles.append(
-                    module.register_forward_hook(self._weak(_module_hook_for(site)))
-                )
-                sites += 1
+                self._module_sites.append((weakref.ref(module), site))
             for attr in _FUNCTIONAL_ATTRS:
                 fn = module.__dict__.get(attr)
                 if fn is None or isinstance(fn, nn.Module) or not callable(fn):
@@ -455,10 +459,8 @@ class TorchWatch:
                 if fn_kind == "other" or isinstance(fn, _FunctionalProbe):
                     continue
                 site = _ActivationSite(f"{name}.{attr}", fn_kind, tail_bounds(fn_kind))
-                module.__dict__[attr] = _FunctionalProbe(fn, self._weak(_functional_hook_for(site)))
-                self._probes.append((module, attr, fn))
-                sites += 1
-        if sites == 0:
+                self._functional_sites.append((weakref.ref(module), attr, fn, site))
+        if not self._module_sites and not self._functional_sites:
             self.analyzer.add_note(
                 "No activation modules found (functional calls such as F.relu inside "
                 "forward() are invisible without tracing); dead_relu falls back to "
@@ -466,8 +468,39 @@ class TorchWatch:
             )
             self._activations = False
             return
-        self._handles.append(root.register_forward_pre_hook(self._weak(_on_root_forward_pre)))
-        self._handles.append(root.register_forward_hook(self._weak(_on_root_forward)))
+        self._root_ref = weakref.ref(root)
+
+    def _set_act_sampling(self, sampling: bool) -> None:
+        """Attach the activation hooks for a sampled step and detach them after it, so
+        steps that are not sampled run the model with no gradwatch code in its
+        forward pass (a forward hook costs ~10 us per module call even when idle)."""
+        if sampling == self._act_sampling:
+            return
+        self._act_sampling = sampling
+        if not sampling:
+            for handle in self._act_handles:
+                handle.remove()
+            self._act_handles.clear()
+            for module, attr, original in self._probes:
+                module.__dict__[attr] = original
+            self._probes.clear()
+            return
+        root = self._root_ref() if self._root_ref is not None else None
+        if root is None:
+            return
+        for module_ref, site in self._module_sites:
+            module = module_ref()
+            if module is not None:
+                hook = self._weak(_module_hook_for(site))
+                self._act_handles.append(module.register_forward_hook(hook))
+        for module_ref, attr, fn, site in self._functional_sites:
+            module = module_ref()
+            if module is not None and module.__dict__.get(attr) is fn:
+                probe = _FunctionalProbe(fn, self._weak(_functional_hook_for(site)))
+                module.__dict__[attr] = probe
+                self._probes.append((module, attr, fn))
+        self._act_handles.append(root.register_forward_pre_hook(self._weak(_on_root_forward_pre)))
+        self._act_handles.append(root.register_forward_hook(self._weak(_on_root_forward)))
 
     # --- per-step path (no host sync here) -------------------------------------------
 
@@ -510,7 +543,9 @@ class TorchWatch:
 
     def _advance(self) -> None:
         self.step_count += 1
-        self._act_sampling = self._activations and bool(self._activation_schedule(self.step_count))
+        self._set_act_sampling(
+            self._activations and bool(self._activation_schedule(self.step_count))
+        )
         if self.step_count % self._flush_every == 0:
             self._flush()
 
@@ -612,17 +647,11 @@ class TorchWatch:
             squares = sum(float(next(host[t.device])[0]) for t in record.total_parts)
             grad_fields["grad_total_norm"] = float(np.sqrt(squares))
         if grad_cols:
-            values = np.concatenate(grad_cols, axis=1)
-            order = np.argsort(record.grad_indices, kind="stable")
-            indices = [record.grad_indices[j] for j in order]
-            values = values[:, order]
-            numel = np.array(
-                [record.sparse_numel.get(i, self._param_numel(i)) for i in indices],
-                dtype=np.float64,
-            )
+            order, layers, numel = self._grad_layout(record)
+            values = np.concatenate(grad_cols, axis=1)[:, order]
             safe = np.maximum(numel, 1.0)
             grad_fields = dict(
-                grad_layers=tuple(self._names[i] for i in indices),
+                grad_layers=layers,
                 grad_norm=tuple(values[0].tolist()),
                 grad_max_abs=tuple(values[1].tolist()),
                 grad_mean_abs=tuple((values[2] / safe).tolist()),
@@ -660,6 +689,27 @@ class TorchWatch:
                 act_is_output=tuple(n in self._output_acts for n in record.act_names),
             )
         return StepStats(step=record.step, **grad_fields, **act_fields)
+
+    def _grad_layout(self, record: _PendingStep) -> tuple[np.ndarray, tuple[str, ...], np.ndarray]:
+        """Column order (model order), layer names and entry counts of a record's
+        gradients; cached per layout, since it is the same on almost every step."""
+        key = tuple(record.grad_indices)
+        cached = None if record.sparse_numel else self._layouts.get(key)
+        if cached is not None:
+            return cached
+        order = np.argsort(record.grad_indices, kind="stable")
+        indices = [record.grad_indices[j] for j in order]
+        layout = (
+            order,
+            tuple(self._names[i] for i in indices),
+            np.array(
+                [record.sparse_numel.get(i, self._param_numel(i)) for i in indices],
+                dtype=np.float64,
+            ),
+        )
+        if not record.sparse_numel:  # nnz of a sparse gradient changes every step
+            self._layouts[key] = layout
+        return layout
 
     def _param_numel(self, index: int) -> int:
         return int(self._params[index].numel()) if index < len(self._params) else 0

@@ -247,8 +247,8 @@ def activation_reductions_on_device(
     * other non-squashing kinds: the count of active outputs;
     * kinds with flat tails: the count of outputs in the tails.
 
-    Counts are sums of ``sign`` over a scratch buffer (a float reduction; comparisons
-    and ``count_nonzero`` cost 4-10x more on CPU). As in the host reference
+    Counts avoid comparisons and ``count_nonzero``, which cost 2-10x more than a
+    ``bool`` cast or a float reduction on CPU. As in the host reference
     :func:`gradwatch.activations.activation_stats_from_array`, a NaN output is neither
     inactive nor in a tail.
     """
@@ -265,33 +265,26 @@ def activation_reductions_on_device(
 
 
 def _active_per_unit(y: torch.Tensor, unit_axis: int) -> torch.Tensor:
-    """Per unit, the count of active entries (see :func:`_active_into`). A 0-d or 1-D
-    output is one sample: each entry is its own unit."""
+    """Per unit, the count of non-zero entries of a ReLU-family output (``>= 0``, so
+    non-zero is active; NaN is non-zero, hence not inactive, as in the host reference).
+    A 0-d or 1-D output is one sample: each entry is its own unit."""
     if y.dim() <= 1:
-        flat = y.reshape(-1)
-        return _active_into(flat, torch.empty_like(flat)).float()
+        return y.reshape(-1).bool().float()
     axis = unit_axis % y.dim()
     dims = tuple(d for d in range(y.dim()) if d != axis)
-    counts = [
-        _active_into(piece, _scratch_like(piece)).sum(dim=dims, dtype=torch.float32)
-        for piece in _slices(y)
-    ]
-    return counts[0] if len(counts) == 1 else torch.stack(counts).sum(dim=0)
+    # bool() then sum: ~2x cheaper than count_nonzero(dim=...) on CPU.
+    counts = [piece.bool().sum(dim=dims) for piece in _slices(y)]
+    total = counts[0] if len(counts) == 1 else torch.stack(counts).sum(dim=0)
+    return total.float()
 
 
 def _count_positive(y: torch.Tensor) -> torch.Tensor:
-    """The count of active entries (see :func:`_active_into`)."""
+    """The count of entries ``> 0`` or NaN (a NaN output is not inactive, as in the
+    host reference): ``max(y, 0)`` keeps NaN, and ``bool`` is true for it."""
     counts = [
-        _active_into(piece, _scratch_like(piece)).sum(dtype=torch.float32) for piece in _slices(y)
+        torch.clamp(piece, min=0, out=_scratch_like(piece)).bool().sum() for piece in _slices(y)
     ]
-    return _combine(counts, torch.sum)
-
-
-def _active_into(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` = 1 where ``y > 0`` or NaN (a NaN output is not inactive, as in the host
-    reference), else 0: ``ceil(clamp(y, 0, 1))`` with NaN set to 1. ``sign`` would be
-    one op less but maps NaN to 0 on CPU."""
-    return torch.clamp(y, min=0, max=1, out=out).nan_to_num_(nan=1.0).ceil_()
+    return _combine(counts, torch.sum).float()
 
 
 def _count_in_tails(y: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
@@ -334,8 +327,8 @@ def activation_fractions(values: np.ndarray, kind: str, numel: int) -> tuple[flo
         tail = float(values[-1]) / n
         values = values[:-1]
     if kind in CAN_DIE:
-        inactive = 1.0 - float(np.sum(values)) / n
-        dead = float(np.mean(values <= 0))
+        inactive = 1.0 - float(values.sum()) / n
+        dead = float(np.count_nonzero(values <= 0)) / max(1, values.size)
     elif kind not in SQUASHING:  # tanh is negative half the time: "inactive" means nothing
         inactive = 1.0 - float(values[0]) / n
     return inactive, dead, tail

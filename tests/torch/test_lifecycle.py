@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from gradwatch.adapters.torch import _LIVE_WATCHES, TorchWatch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch_helpers import EVERY_STEP, he_relu_mlp, mlp  # noqa: E402
+from torch_helpers import EVERY_STEP, he_relu_mlp, mlp, record_stats  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch.guard import FindingError, GradwatchWarning  # noqa: E402
@@ -63,6 +63,43 @@ def test_close_removes_every_hook_is_idempotent_and_model_pickles() -> None:
     model(x).sum().backward()  # trains with no gradwatch code on the path
     opt.step()
     assert gw.step_count == 1
+
+
+def test_activation_hooks_are_attached_only_for_sampled_steps() -> None:
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=32, batch_first=True),
+        nn.Flatten(),
+        nn.Linear(32 * 3, 1),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = _hook_count(model)
+
+    def forward_hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    own = forward_hooks()  # torch's own (MultiheadAttention has some)
+    gw = gradwatch.watch(
+        model,
+        opt,
+        activation_schedule=gradwatch.every(3, dense_until=0),
+        on_finding="ignore",
+        show=False,
+    )
+    seen = record_stats(gw)
+    x = torch.randn(4, 3, 32)
+    armed = []
+    for _ in range(6):
+        armed.append((forward_hooks() > own, model[0].activation is not nn.functional.relu))
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    # steps 0 and 3 are sampled: forward hooks and the F.relu probe live only then
+    assert armed == [(True, True), (False, False), (False, False)] * 2
+    gw.flush()
+    assert [s.step for s in seen if s.act_layers] == [0, 3]
+    assert "0.activation" in seen[0].act_layers
+    gw.close()
+    assert _hook_count(model) == before
 
 
 def test_with_block_prints_report_and_closes(capsys: pytest.CaptureFixture[str]) -> None:
