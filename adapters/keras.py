@@ -9,9 +9,9 @@ model. Instead, for the duration of ``fit`` this callback:
   being applied are reduced with ``keras.ops`` and written into a small ring of
   non-trainable variables owned by the callback;
 * wraps the ``call`` of every activation layer (Dense/Conv with an activation,
-  ``Activation``, ``ReLU``, ``LeakyReLU``, ``PReLU``, ``ELU``, ``Softmax``) so that,
-  on sampled training steps, its output is reduced to inactive/dead/tail fractions
-  the same way;
+  ``Activation``, ``ReLU``, ``LeakyReLU``, ``PReLU``, ``ELU``, ``Softmax``) so that
+  its output is remembered during the traced step and, on sampled steps, reduced to
+  inactive/dead/tail fractions in the same conditional branch as the gradients;
 * reads the ring every ``flush_every`` batches in ``on_train_batch_end`` (one host
   transfer per ring) and hands :class:`gradwatch.StepStats` to the
   :class:`gradwatch.Analyzer`.
@@ -116,21 +116,26 @@ def _grad_row(grad: Any, variable: Any) -> Any:
     """``[norm, max_abs, mean_abs, zero_frac, nonfinite, numel, param_norm]`` of one
     gradient and the variable it updates, in-graph.
 
-    Norm and max are over the finite entries, as :func:`gradwatch.reduce.grad_stats_from_array`.
+    Seven passes over the data, the fewest that give every statistic with plain ops:
+    two dot products (squared norms), ``|g|``, its max and sum, and ``sign(|g|)`` summed
+    (the count of non-zero entries). As in the torch adapter, a gradient with Inf/NaN
+    entries has an Inf/NaN norm, max and mean, a ``nonfinite`` flag of 1 (a lower
+    bound of the count) and an unknown zero fraction (set on the host).
     """
     g = ops.reshape(ops.cast(grad, "float32"), (-1,))
+    v = ops.reshape(ops.cast(variable, "float32"), (-1,))
     numel = max(int(np.prod(grad.shape)), 1)
-    finite = ops.isfinite(g)
-    a = ops.where(finite, ops.abs(g), 0.0)
+    a = ops.abs(g)
+    max_abs = ops.max(a)
     return ops.stack(
         [
-            ops.sqrt(ops.sum(ops.square(a))),
-            ops.max(a),
+            ops.sqrt(ops.vdot(g, g)),
+            max_abs,
             ops.sum(a) / numel,
-            ops.sum(ops.cast(ops.equal(g, 0.0), "float32")) / numel,
-            numel - ops.sum(ops.cast(finite, "float32")),
+            1.0 - ops.sum(ops.sign(a)) / numel,
+            ops.cast(ops.logical_not(ops.isfinite(max_abs)), "float32"),
             ops.convert_to_tensor(float(numel), "float32"),
-            ops.sqrt(ops.sum(ops.square(ops.cast(variable, "float32")))),
+            ops.sqrt(ops.vdot(v, v)),
         ]
     )
 
@@ -138,24 +143,26 @@ def _grad_row(grad: Any, variable: Any) -> Any:
 def _activation_row(y: Any, kind: str, unit_axis: int, derivative_fraction: float) -> Any:
     """``[inactive, dead, tail]`` fractions of one activation output, in-graph.
 
-    Mirrors :func:`gradwatch.activations.activation_stats_from_array`.
+    Mirrors :func:`gradwatch.activations.activation_stats_from_array` (NaN is neither
+    inactive nor in a tail). For the ReLU family one pass counts each unit's inactive
+    outputs, and both fractions follow from those counts.
     """
     y = ops.cast(ops.stop_gradient(y), "float32")
     zero = ops.convert_to_tensor(0.0, "float32")
-    inactive = ops.less_equal(y, 0.0)
-    inactive_frac = zero if kind in SQUASHING else ops.mean(ops.cast(inactive, "float32"))
+    inactive_frac = dead_frac = tail_frac = zero
     if kind in CAN_DIE:
+        inactive = ops.cast(ops.less_equal(y, 0.0), "float32")
         moved = ops.moveaxis(inactive, unit_axis, -1) if unit_axis != -1 else inactive
-        per_unit = ops.reshape(moved, (-1, moved.shape[-1]))
-        dead_frac = ops.mean(ops.cast(ops.all(per_unit, axis=0), "float32"))
-    else:
-        dead_frac = zero
+        per_unit = ops.sum(ops.reshape(moved, (-1, moved.shape[-1])), axis=0)
+        rows = ops.cast(ops.size(inactive), "float32") / float(moved.shape[-1])
+        inactive_frac = ops.sum(per_unit) / (rows * float(moved.shape[-1]))
+        dead_frac = ops.mean(ops.cast(ops.greater_equal(per_unit, rows), "float32"))
+    elif kind not in SQUASHING:  # tanh is negative half the time: "inactive" means nothing
+        inactive_frac = ops.mean(ops.cast(ops.less_equal(y, 0.0), "float32"))
     if kind in CAN_SATURATE:
         lo, hi = tail_bounds(kind, derivative_fraction)
         tails = ops.logical_or(ops.less_equal(y, lo), ops.greater_equal(y, hi))
         tail_frac = ops.mean(ops.cast(tails, "float32"))
-    else:
-        tail_frac = zero
     return ops.stack([inactive_frac, dead_frac, tail_frac])
 
 
@@ -204,18 +211,9 @@ class _Probe:
         if n_vars:
             self.ensure_grads(n_vars)
         self.acts: keras.Variable | None = None
-        self.act_now: keras.Variable | None = None
-        self.act_step: keras.Variable | None = None
         if n_acts:
             self.acts = keras.Variable(
                 np.full((ring, n_acts, 3), np.nan, np.float32), name="gradwatch_acts", **kw
-            )
-            # The newest sample of each activation layer and the step it was taken at.
-            self.act_now = keras.Variable(
-                np.zeros((n_acts, 3), np.float32), name="gradwatch_act_now", **kw
-            )
-            self.act_step = keras.Variable(
-                np.full((n_acts,), -1, np.int32), dtype="int32", name="gradwatch_act_step", **kw
             )
 
 
@@ -535,34 +533,16 @@ class GradWatchCallback(keras.callbacks.Callback):
         return model_call_with_gradwatch
 
     def _wrap_layer_call(self, call: Callable[..., Any], index: int) -> Callable[..., Any]:
-        layer = self._act_layers[index]
-        kind = self._act_kinds[index]
-        axis = _unit_axis(layer)
-
         def layer_call_with_gradwatch(*args: Any, **kwargs: Any) -> Any:
             y = call(*args, **kwargs)
-            probe = self._probe
-            if self._in_train_step and probe is not None and self._guard.enabled:
-                with self._guard:
-                    self._act_last_out[index] = y
-                    self._record_activation(probe, index, y, kind, axis)
+            if self._in_train_step and self._probe is not None and self._guard.enabled:
+                # Only remembered here; reduced in the optimizer step's one sampled
+                # branch (see _record_gradients), so an unsampled step runs one
+                # condition in all, not one per activation layer.
+                self._act_last_out[index] = y
             return y
 
         return layer_call_with_gradwatch
-
-    def _record_activation(self, probe: _Probe, index: int, y: Any, kind: str, axis: int) -> None:
-        assert probe.act_now is not None and probe.act_step is not None
-        act_now, act_step = probe.act_now, probe.act_step
-        frac = self.tail_derivative_fraction
-
-        def write() -> None:
-            row = _activation_row(y, kind, axis, frac)
-            act_now.assign(_one_hot_where(index, probe.n_acts, row, act_now.value))
-            act_step.assign(
-                _one_hot_where(index, probe.n_acts, probe.counter.value, act_step.value)
-            )
-
-        self._when_sampled(probe.counter.value, write)
 
     def _wrap_apply(self, apply: Callable[..., Any], optimizer: Any) -> Callable[..., Any]:
         def apply_with_gradwatch(grads: Any, trainable_variables: Any = None) -> Any:
@@ -593,6 +573,9 @@ class GradWatchCallback(keras.callbacks.Callback):
         # A variable the loss does not depend on has no gradient to judge: left out.
         self._grad_names = tuple(_var_name(v) for _, v in present)
         step = probe.counter.value
+        # This step's activation outputs, recorded by the layer wrappers during its
+        # forward pass (the same traced step, so they can be used here).
+        outputs = dict(self._act_last_out)
 
         def write() -> None:
             rows = []
@@ -612,15 +595,28 @@ class GradWatchCallback(keras.callbacks.Callback):
             probe.steps.assign(
                 _one_hot_where(slot, probe.ring, ops.stack([step, skipped]), probe.steps.value)
             )
-            acts, act_now, act_step = probe.acts, probe.act_now, probe.act_step
-            if acts is not None and act_now is not None and act_step is not None:
-                fresh = ops.expand_dims(ops.equal(act_step.value, step), -1)
-                act_row = ops.where(fresh, act_now.value, math.nan)
-                acts.assign(_one_hot_where(slot, probe.ring, act_row, acts.value))
+            if probe.acts is not None:
+                table = self._activation_table(probe.n_acts, outputs)
+                probe.acts.assign(_one_hot_where(slot, probe.ring, table, probe.acts.value))
             probe.samples.assign(probe.samples.value + 1)
 
         self._when_sampled(step, write)
         probe.counter.assign(step + 1)
+
+    def _activation_table(self, n_acts: int, outputs: dict[int, Any]) -> Any:
+        """``(n_acts, 3)`` activation fractions of this step; NaN rows for layers that
+        did not run in it."""
+        frac = self.tail_derivative_fraction
+        missing = ops.full((3,), math.nan, "float32")
+        rows = []
+        for i in range(n_acts):
+            y = outputs.get(i)
+            if y is None:
+                rows.append(missing)
+                continue
+            layer = self._act_layers[i]
+            rows.append(_activation_row(y, self._act_kinds[i], _unit_axis(layer), frac))
+        return ops.stack(rows)
 
     def _sampled(self, step: int) -> bool:
         """The schedule on the host: is ``step`` one of the sampled steps?"""
@@ -696,7 +692,11 @@ class GradWatchCallback(keras.callbacks.Callback):
             grad_norm=tuple(float(v) for v in g[:, _NORM]),
             grad_max_abs=tuple(float(v) for v in g[:, _MAX_ABS]),
             grad_mean_abs=tuple(float(v) for v in g[:, _MEAN_ABS]),
-            grad_zero_frac=tuple(float(v) for v in g[:, _ZERO_FRAC]),
+            # With Inf/NaN entries the zero fraction means nothing: unknown.
+            grad_zero_frac=tuple(
+                math.nan if bad > 0 else float(v)
+                for v, bad in zip(g[:, _ZERO_FRAC], g[:, _NONFINITE], strict=True)
+            ),
             grad_nonfinite=tuple(round(v) for v in g[:, _NONFINITE]),
             grad_numel=tuple(round(v) for v in g[:, _NUMEL]),
             param_norm=tuple(float(v) for v in g[:, _PARAM_NORM]),

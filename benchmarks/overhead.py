@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _timing import interleaved_medians, markdown_table
+from _timing import interleaved_timing, markdown_table
 
 
 def _mlp(depth: int = 12, width: int = 512) -> object:
@@ -161,9 +161,11 @@ def torch_rows(*, quick: bool = False, cnn: bool = True) -> list[str]:
             variants = {"unmonitored": _make_step(model_fn, x, y, "none")}
             for label, setup in setups.items():
                 variants[label] = _make_step(model_fn, x, y, setup)
-            medians = interleaved_medians(variants, warmup=warmup, rounds=rounds, reps=reps)
+            timing = interleaved_timing(variants, warmup=warmup, rounds=rounds, reps=reps)
+        medians = dict(timing.medians)
         base = medians.pop("unmonitored")
-        table = markdown_table(title, base, medians)
+        table = markdown_table(title, base, medians, timing.ratios)
+        table += "\n\nRatios are medians over rounds of the paired per-round ratio."
         own = {
             label: instrumented_cost(model_fn, x, y, setup)
             for label, setup in (

@@ -1,18 +1,19 @@
 """Overhead of :class:`gradwatch.GradWatchCallback` on ``model.fit`` (TensorFlow backend).
 
-A 12-layer, 512-wide ReLU MLP, batch 128, SGD. Each round runs one short ``fit``
-without the callback (A) and one with it at its defaults (B), interleaved A B A B in
-one process after warm-up, and times every training batch with a timing callback.
-The ratio is that of the median over fits of each fit's mean step time. Target:
-<= 1.05.
+A 12-layer, 512-wide ReLU MLP, batch 128, SGD, one TensorFlow thread (as the torch
+benchmark: the machine's other core is shared and noisy). Each round runs one short
+``fit`` without the callback (A) and one with it at its defaults (B), in the order
+A B in even rounds and B A in odd ones, and times every training batch with a timing
+callback. A round's ratio is B's mean step over A's; the result is the median of the
+rounds' ratios (paired, so slow drifts of the machine cancel). Target: <= 1.05.
 
     KERAS_BACKEND=tensorflow python benchmarks/overhead_keras.py
 
-The first fit of each kind traces the train function; its steps are warm-up and are
-not counted. The callback forces a retrace at the start of every fit it joins, so
-each fit's first batch is dropped from both arms alike. The callback samples every
-step for the first ``dense_until=50`` steps of a fit, then every 8th: the steady
-state (steps 50 on) and the dense start are reported separately.
+The first fit of each kind traces the train function and is warm-up. The callback
+forces a retrace at the start of every fit it joins, so each fit's first batch is
+dropped from both arms alike. The callback samples every step for the first
+``dense_until=50`` steps of a fit, then every 8th: the steady state (steps 50 on) and
+the dense start are reported separately.
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ import statistics
 import time
 from typing import Any
 
-import keras
-import numpy as np
-from gradwatch.adapters.keras import GradWatchCallback
+import tensorflow as tf
+
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from gradwatch.adapters.keras import GradWatchCallback  # noqa: E402
 
 DEPTH = 12
 WIDTH = 512
@@ -90,9 +96,9 @@ def _model() -> keras.Model:
     return model
 
 
-def measure(rounds: int = 4, steps_per_fit: int = 200) -> list[tuple[str, float]]:
+def measure(rounds: int = 12, steps_per_fit: int = 130) -> list[tuple[str, str]]:
     """Rows ``(name, value)``: per-arm step times (ms; median over fits of each fit's
-    mean step) and the overhead ratios."""
+    mean step) and the overhead ratios (median over rounds of the paired ratios)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH * steps_per_fit, WIDTH)).astype("float32")
     y = rng.integers(0, 10, size=(BATCH * steps_per_fit,))
@@ -108,18 +114,27 @@ def measure(rounds: int = 4, steps_per_fit: int = 200) -> list[tuple[str, float]
     # Warm-up: trace both variants once.
     fit(_StepTimer(), [])
     fit(_StepTimer(), [cb])
-    for _ in range(rounds):
-        fit(plain, [])
-        fit(watched, [cb])
-    a = statistics.median(plain.times)
-    b = statistics.median(watched.times)
-    a_dense = statistics.median(plain.dense_times)
-    b_dense = statistics.median(watched.dense_times)
+    for r in range(rounds):
+        if r % 2 == 0:
+            fit(plain, [])
+            fit(watched, [cb])
+        else:
+            fit(watched, [cb])
+            fit(plain, [])
+    ratios = [b / a for a, b in zip(plain.times, watched.times, strict=True)]
+    dense = [b / a for a, b in zip(plain.dense_times, watched.dense_times, strict=True)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
     return [
-        ("fit without callback, median step (ms)", a * 1e3),
-        ("fit with GradWatchCallback(), median step (ms)", b * 1e3),
-        ("ratio (with / without), defaults, steps 50+", b / a),
-        ("ratio (with / without), dense start, steps 1-49", b_dense / a_dense),
+        ("fit without callback, median step (ms)", f"{statistics.median(plain.times) * 1e3:.2f}"),
+        (
+            "fit with GradWatchCallback(), median step (ms)",
+            f"{statistics.median(watched.times) * 1e3:.2f}",
+        ),
+        (
+            "ratio (with / without), defaults, steps 50+ (quartiles)",
+            f"{statistics.median(ratios):.3f} ({q1:.3f}-{q3:.3f})",
+        ),
+        ("ratio (with / without), dense start, steps 1-49", f"{statistics.median(dense):.3f}"),
     ]
 
 
@@ -127,13 +142,13 @@ def main() -> None:
     rows = measure()
     print(
         f"Keras {keras.__version__}, backend {keras.backend.backend()}, "
-        f"{DEPTH}x{WIDTH} ReLU MLP, batch {BATCH}, SGD"
+        f"{DEPTH}x{WIDTH} ReLU MLP, batch {BATCH}, SGD, 1 thread"
     )
     print()
     print("| measurement | value |")
     print("|---|---|")
     for name, value in rows:
-        print(f"| {name} | {value:.3f} |")
+        print(f"| {name} | {value} |")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -282,6 +283,11 @@ def test_on_finding_ignore_is_silent_but_reports() -> None:
         warnings.simplefilter("error", GradwatchWarning)
         _fit_doomed(_doomed(), [cb])
     assert cb.report.by_rule("nonfinite_gradient") is not None
+    # A gradient with NaN/Inf entries has no meaningful zero fraction: unknown.
+    stats = cb.last_step_stats
+    bad = [i for i, n in enumerate(stats.grad_nonfinite) if n > 0]
+    assert bad
+    assert all(math.isnan(stats.grad_zero_frac[i]) for i in bad)
 
 
 def test_on_finding_stop_ends_training_early() -> None:
