@@ -80,7 +80,7 @@ _ON_FINDING_MODES = ("warn", "raise", "ignore")
 
 # Dense for the first 50 steps so every rule (warm-up 10 + persistence 10, see
 # gradwatch/rules/base.py) can fire within 50 steps, then 1 step in 10: with the norm
-# schedule below, 5.2% of a 12x512 ReLU MLP step on CPU (docs/benchmarks.md).
+# schedule below, 3.4% of a 12x512 ReLU MLP step on CPU (docs/benchmarks.md).
 DEFAULT_GRAD_SCHEDULE: Schedule = every(10, dense_until=50)
 DEFAULT_ACTIVATION_SCHEDULE: Schedule = every(10, dense_until=50)
 # Steps not sampled per layer still get their total gradient norm on this schedule:

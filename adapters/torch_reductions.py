@@ -36,6 +36,10 @@ ACT_ROWS = 3
 SMALL_GRAD_NUMEL = 16_384
 # The flat pass pays ~15 fixed ops, so it only helps from a handful of tensors on.
 _FLAT_MIN_TENSORS = 4
+# Up to this many entries an activation is launch-bound: one count_nonzero beats three
+# float ops (benchmarks/scaling.py, width-32 layers); above it, count_nonzero's
+# branches mispredict and the float ops win (~5x at 64K entries, docs/benchmarks.md).
+SMALL_ACTIVATION_NUMEL = 16_384
 # Larger tensors are reduced in slices of at most this many entries (4 MB of float32):
 # each slice stays in cache across its statistics, and the scratch buffer stays small
 # even for a 50M-entry embedding gradient or a large convolution output.
@@ -273,6 +277,8 @@ def _active_per_unit(y: torch.Tensor, unit_axis: int) -> torch.Tensor:
         return _active_into(flat, torch.empty_like(flat)).float()
     axis = unit_axis % y.dim()
     dims = tuple(d for d in range(y.dim()) if d != axis)
+    if y.numel() <= SMALL_ACTIVATION_NUMEL:
+        return torch.count_nonzero(y, dim=dims)  # one launch; NaN is non-zero
     counts = [
         _active_into(piece, _scratch_like(piece)).sum(dim=dims, dtype=torch.float32)
         for piece in _slices(y)
@@ -367,6 +373,7 @@ __all__ = [
     "ACT_ROWS",
     "CHUNK_NUMEL",
     "GRAD_ROWS",
+    "SMALL_ACTIVATION_NUMEL",
     "SMALL_GRAD_NUMEL",
     "activation_fractions",
     "activation_reductions_on_device",

@@ -8,6 +8,7 @@ callback. A round's ratio is B's mean step over A's; the result is the median of
 rounds' ratios (paired, so slow drifts of the machine cancel). Target: <= 1.05.
 
     KERAS_BACKEND=tensorflow python benchmarks/overhead_keras.py
+    GRADWATCH_TF_THREADS=0 python benchmarks/overhead_keras.py   # TF's default threads
 
 The first fit of each kind traces the train function and is warm-up. The callback
 forces a retrace at the start of every fit it joins, so each fit's first batch is
@@ -29,8 +30,11 @@ from typing import Any
 
 import tensorflow as tf
 
-tf.config.threading.set_intra_op_parallelism_threads(1)
-tf.config.threading.set_inter_op_parallelism_threads(1)
+# One thread by default (GRADWATCH_TF_THREADS=0 keeps TensorFlow's own default).
+THREADS = int(os.environ.get("GRADWATCH_TF_THREADS", "1"))
+if THREADS:
+    tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+    tf.config.threading.set_inter_op_parallelism_threads(THREADS)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -142,7 +146,8 @@ def main() -> None:
     rows = measure()
     print(
         f"Keras {keras.__version__}, backend {keras.backend.backend()}, "
-        f"{DEPTH}x{WIDTH} ReLU MLP, batch {BATCH}, SGD, 1 thread"
+        f"{DEPTH}x{WIDTH} ReLU MLP, batch {BATCH}, SGD, "
+        f"{THREADS or 'default'} TensorFlow thread(s)"
     )
     print()
     print("| measurement | value |")

@@ -264,15 +264,18 @@ def test_nan_in_a_large_gradient_leaves_its_zero_fraction_unknown() -> None:
     gw.close()
 
 
+@pytest.mark.parametrize("path", ["small", "sliced"])
 @pytest.mark.parametrize("kind", ["relu", "gelu", "sigmoid", "hard_tanh"])
 def test_activation_stats_with_nan_and_slices_match_numpy_reference(
-    kind: str, monkeypatch: pytest.MonkeyPatch
+    kind: str, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # NaN outputs are neither inactive nor in a tail; values exactly on a hard bound
-    # are in it. Slices of 3 rows exercise the chunked path.
+    # are in it. "sliced": the large-output path, in slices of 3 rows.
     from gradwatch.adapters import torch_reductions
 
-    monkeypatch.setattr(torch_reductions, "CHUNK_NUMEL", 3 * 6)
+    if path == "sliced":
+        monkeypatch.setattr(torch_reductions, "SMALL_ACTIVATION_NUMEL", 0)
+        monkeypatch.setattr(torch_reductions, "CHUNK_NUMEL", 3 * 6)
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(10, 6, generator=gen) * 4
     y = {
