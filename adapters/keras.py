@@ -112,18 +112,17 @@ def _unit_axis(layer: keras.layers.Layer) -> int:
     return 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else -1
 
 
-def _grad_row(grad: Any, variable: Any) -> Any:
-    """``[norm, max_abs, mean_abs, zero_frac, nonfinite, numel, param_norm]`` of one
-    gradient and the variable it updates, in-graph.
+def _grad_row(grad: Any) -> Any:
+    """``[norm, max_abs, mean_abs, zero_frac, nonfinite, numel]`` of one gradient,
+    in-graph (the parameter norm, the seventh column, comes from :func:`_param_norms`).
 
-    Seven passes over the data, the fewest that give every statistic with plain ops:
-    two dot products (squared norms), ``|g|``, its max and sum, and ``sign(|g|)`` summed
-    (the count of non-zero entries). As in the torch adapter, a gradient with Inf/NaN
+    Six passes over the data, the fewest that give every statistic with plain ops: a
+    dot product (squared norm), ``|g|``, its max and sum, and ``sign(|g|)`` summed (the
+    count of non-zero entries). As in the torch adapter, a gradient with Inf/NaN
     entries has an Inf/NaN norm, max and mean, a ``nonfinite`` flag of 1 (a lower
     bound of the count) and an unknown zero fraction (set on the host).
     """
     g = ops.reshape(ops.cast(grad, "float32"), (-1,))
-    v = ops.reshape(ops.cast(variable, "float32"), (-1,))
     numel = max(int(np.prod(grad.shape)), 1)
     a = ops.abs(g)
     max_abs = ops.max(a)
@@ -135,9 +134,24 @@ def _grad_row(grad: Any, variable: Any) -> Any:
             1.0 - ops.sum(ops.sign(a)) / numel,
             ops.cast(ops.logical_not(ops.isfinite(max_abs)), "float32"),
             ops.convert_to_tensor(float(numel), "float32"),
-            ops.sqrt(ops.vdot(v, v)),
         ]
     )
+
+
+def _param_norms(variables: list[Any], sample: Any) -> Any:
+    """The L2 norm of each variable on the first 5 samples and every 5th after, NaN on
+    the others: weights move slowly, and the rules take window medians of them (the
+    torch adapter does the same), so four passes over the weights in five are saved."""
+
+    def norms() -> Any:
+        flats = [ops.reshape(ops.cast(v, "float32"), (-1,)) for v in variables]
+        return ops.stack([ops.sqrt(ops.vdot(f, f)) for f in flats])
+
+    def unknown() -> Any:
+        return ops.full((len(variables),), math.nan, "float32")
+
+    due = ops.logical_or(ops.less(sample, 5), ops.equal(ops.mod(sample, 5), 0))
+    return ops.cond(due, norms, unknown)
 
 
 def _activation_row(y: Any, kind: str, unit_axis: int, derivative_fraction: float) -> Any:
@@ -579,13 +593,29 @@ class GradWatchCallback(keras.callbacks.Callback):
 
         def write() -> None:
             rows = []
-            for g, v in present:
+            for g, _ in present:
                 if scale is not None:
                     g = ops.divide(ops.cast(g, "float32"), ops.cast(scale, "float32"))
-                rows.append(_grad_row(g, v))
+                rows.append(_grad_row(g))
+            table = (
+                ops.zeros((0, _GRAD_COLUMNS), "float32")
+                if not rows
+                else ops.concatenate(
+                    [
+                        ops.stack(rows),
+                        ops.expand_dims(
+                            _param_norms([v for _, v in present], probe.samples.value), -1
+                        ),
+                    ],
+                    axis=1,
+                )
+            )
             # Rows in call order (model order), zero-padded to the probe's fixed shape.
-            rows += [ops.zeros((_GRAD_COLUMNS,), "float32")] * (probe.n_vars - len(rows))
-            table = ops.stack(rows)
+            padding = probe.n_vars - len(rows)
+            if padding:
+                table = ops.concatenate(
+                    [table, ops.zeros((padding, _GRAD_COLUMNS), "float32")], axis=0
+                )
             slot = ops.mod(probe.samples.value, probe.ring)
             if dynamic and present:
                 skipped = ops.cast(ops.greater(ops.sum(table[:, _NONFINITE]), 0.0), "int32")

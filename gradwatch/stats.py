@@ -43,9 +43,12 @@ class StepStats:
             that may pass NaN or Inf when ``grad_nonfinite > 0``; the analyzer then
             treats the norm as unknown for that step.
         grad_max_abs: max |g| over the finite entries.
-        grad_mean_abs: mean |g| over all entries (non-finite ones count as 0).
-        grad_zero_frac: fraction of entries that are exactly 0.
-        grad_nonfinite: number of NaN or Inf entries.
+        grad_mean_abs: mean |g| over all entries (non-finite ones count as 0; an
+            adapter may pass Inf/NaN when ``grad_nonfinite > 0``).
+        grad_zero_frac: fraction of entries that are exactly 0 (NaN, unknown, when
+            the adapter cannot count it next to non-finite entries).
+        grad_nonfinite: number of NaN or Inf entries, or a lower bound of it (the
+            adapters pass 1 for a large tensor with any).
         grad_numel: number of entries.
         param_norm: optional, the L2 norm of each parameter itself (empty when the
             adapter does not provide it); lets rules compare a gradient with the
