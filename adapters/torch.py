@@ -759,26 +759,28 @@ def _on_root_forward_pre(watch: TorchWatch, module: nn.Module, args: Any) -> Non
     watch._fwd_last = None
 
 
+# Forward hooks live only while a step is sampled (see TorchWatch._set_act_sampling), so
+# their bodies need no schedule check; _on_activation keeps one for a functional probe
+# that a model kept a reference to after it was removed.
+
+
 def _on_root_forward(watch: TorchWatch, module: nn.Module, args: Any, output: Any) -> None:
-    if watch._act_sampling:
-        with watch.guard:
-            watch._on_root_output(output)
+    with watch.guard:
+        watch._on_root_output(output)
 
 
 def _module_hook_for(site: _ActivationSite) -> Callable[..., None]:
     def hook(watch: TorchWatch, module: nn.Module, args: Any, output: Any) -> None:
-        if watch._act_sampling:
-            with watch.guard:
-                watch._on_activation(site, module.training, output)
+        with watch.guard:
+            watch._on_activation(site, module.training, output)
 
     return hook
 
 
 def _functional_hook_for(site: _ActivationSite) -> Callable[..., None]:
     def hook(watch: TorchWatch, output: Any) -> None:
-        if watch._act_sampling:
-            with watch.guard:
-                watch._on_activation(site, True, output)
+        with watch.guard:
+            watch._on_activation(site, True, output)
 
     return hook
 

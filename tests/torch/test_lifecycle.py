@@ -36,12 +36,17 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
         opt.zero_grad()
 
 
-def test_close_removes_every_hook_is_idempotent_and_model_pickles() -> None:
-    model = nn.Sequential(
+def _transformer_with_functional_relu() -> nn.Module:
+    # nn.TransformerEncoderLayer calls F.relu through its `activation` attribute.
+    return nn.Sequential(
         nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=32, batch_first=True),
         nn.Flatten(),
         nn.Linear(32 * 3, 1),
     )
+
+
+def test_close_removes_every_hook_is_idempotent_and_model_pickles() -> None:
+    model = _transformer_with_functional_relu()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     before = _hook_count(model)
     gw = gradwatch.watch(model, opt, on_finding="ignore", show=False)
@@ -66,11 +71,7 @@ def test_close_removes_every_hook_is_idempotent_and_model_pickles() -> None:
 
 
 def test_activation_hooks_are_attached_only_for_sampled_steps() -> None:
-    model = nn.Sequential(
-        nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=32, batch_first=True),
-        nn.Flatten(),
-        nn.Linear(32 * 3, 1),
-    )
+    model = _transformer_with_functional_relu()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     before = _hook_count(model)
 
