@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from gradwatch.adapters.cpu_native import build_failure, cpu_kernels, eligible
 from gradwatch.adapters.torch_reductions import (
     ACT_ROWS,
     GRAD_ROWS,
@@ -325,6 +326,12 @@ class TorchWatch:
         elif activations:
             self._find_activation_sites(root)
         self._set_act_sampling(self._activations and bool(self._activation_schedule(0)))
+        if any(p.device.type == "cpu" for p in self._params) and cpu_kernels() is None:
+            # Built here, not on the first sampled step; the fallback is slower, not wrong.
+            self.analyzer.add_note(
+                "CPU statistics use torch ops, about 4x the cost of gradwatch's C kernels, "
+                f"which could not be built ({build_failure()})."
+            )
 
     # --- public ----------------------------------------------------------------------
 
@@ -570,7 +577,12 @@ class TorchWatch:
             return
         with torch.no_grad():
             for group in self._groups:
-                norms = torch._foreach_norm([_dense_values(grads[i]) for i in group.indices])
+                tensors = [_dense_values(grads[i]) for i in group.indices]
+                kernels = cpu_kernels() if group.device.type == "cpu" else None
+                if kernels is not None and all(eligible(t) for t in tensors):
+                    pending.total_parts.append(kernels.sum_squares(tensors).sum())
+                    continue
+                norms = torch._foreach_norm(tensors)
                 pending.total_parts.append(torch.stack(norms).float().square().sum())
 
     def _reduce_grads(self, pending: _PendingStep) -> None:

@@ -1,4 +1,7 @@
-"""Fused device statistics against the core's naive per-parameter numpy reference."""
+"""Fused device statistics against the core's naive per-parameter numpy reference.
+
+Every test here runs twice: with the one-pass C kernels (``cpu_native``) and with the
+torch ops they replace."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from gradwatch.adapters import torch_reductions  # noqa: E402
+from gradwatch.adapters.cpu_native import cpu_kernels  # noqa: E402
 from gradwatch.adapters.torch import (  # noqa: E402
     activation_stats_on_device,
     grad_stats_on_device,
@@ -21,6 +26,16 @@ from torch_helpers import EVERY_STEP, mlp, record_stats  # noqa: E402
 import gradwatch  # noqa: E402
 from gradwatch.activations import activation_stats_from_array, tail_bounds  # noqa: E402
 from gradwatch.reduce import grad_stats_from_array  # noqa: E402
+
+
+@pytest.fixture(autouse=True, params=["c_kernels", "torch_ops"])
+def reduction_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs each test on the C kernels (skipped without a C compiler) and on torch ops."""
+    if request.param == "torch_ops":
+        monkeypatch.setattr(torch_reductions, "cpu_kernels", lambda: None)
+    elif cpu_kernels() is None:
+        pytest.skip("the C kernels cannot be built here")
+    return str(request.param)
 
 
 def _naive(g: torch.Tensor) -> tuple[float, float, float, float, int, int]:
