@@ -121,6 +121,19 @@ void gw_sum_squares_f32(int64_t count, const uintptr_t *ptrs, const int64_t *num
     }
 }
 
+/* Entries of x[0..n) that are not <= 0 (positive or NaN), summed in int32 lanes per
+ * BLOCK (int64 lanes would halve the vector width). */
+static int64_t count_active(const float *x, int64_t n) {
+    int64_t total = 0, i = 0;
+    while (i < n) {
+        int64_t end = (n - i > BLOCK) ? i + BLOCK : n;
+        int32_t c = 0;
+        for (; i < end; i++) c += !(x[i] <= 0.0f);
+        total += c;
+    }
+    return total;
+}
+
 /* Active (not <= 0: positive or NaN) entries of y viewed as (outer, units, inner),
  * per unit, into counts[units]. Returns -1 if scratch memory is unavailable. */
 int gw_active_per_unit_f32(const float *y, int64_t outer, int64_t units, int64_t inner,
@@ -145,14 +158,9 @@ int gw_active_per_unit_f32(const float *y, int64_t outer, int64_t units, int64_t
         }
         free(row);
     } else {
-        for (int64_t o = 0; o < outer; o++) {
-            for (int64_t u = 0; u < units; u++) {
-                const float *r = y + (o * units + u) * inner;
-                int64_t c = 0;
-                for (int64_t j = 0; j < inner; j++) c += !(r[j] <= 0.0f);
-                acc[u] += c;
-            }
-        }
+        for (int64_t o = 0; o < outer; o++)
+            for (int64_t u = 0; u < units; u++)
+                acc[u] += count_active(y + (o * units + u) * inner, inner);
     }
     for (int64_t u = 0; u < units; u++) counts[u] = (float)acc[u];
     free(acc);
@@ -160,24 +168,25 @@ int gw_active_per_unit_f32(const float *y, int64_t outer, int64_t units, int64_t
 }
 
 /* Active (not <= 0) entries of y. */
-double gw_count_active_f32(const float *y, int64_t n) {
-    int64_t c = 0;
-    for (int64_t i = 0; i < n; i++) c += !(y[i] <= 0.0f);
-    return (double)c;
-}
+double gw_count_active_f32(const float *y, int64_t n) { return (double)count_active(y, n); }
 
 /* Entries in a flat tail: |y - centre| >= half, or y >= half when one_sided. NaN
- * compares false, so it is in no tail. */
+ * compares false, so it is in no tail. int32 counts per BLOCK, as count_active. */
 double gw_count_in_tails_f32(const float *y, int64_t n, float centre, float half,
                              int one_sided) {
-    int64_t c = 0;
-    if (one_sided) {
-        for (int64_t i = 0; i < n; i++) c += y[i] >= half;
-    } else {
-        for (int64_t i = 0; i < n; i++) {
-            float d = y[i] - centre;
-            c += (d >= half) | (d <= -half);
+    int64_t total = 0, i = 0;
+    while (i < n) {
+        int64_t end = (n - i > BLOCK) ? i + BLOCK : n;
+        int32_t c = 0;
+        if (one_sided) {
+            for (; i < end; i++) c += y[i] >= half;
+        } else {
+            for (; i < end; i++) {
+                float d = y[i] - centre;
+                c += (d >= half) | (d <= -half);
+            }
         }
+        total += c;
     }
-    return (double)c;
+    return (double)total;
 }

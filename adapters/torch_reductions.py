@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from gradwatch.adapters.cpu_native import cpu_kernels, eligible
+from gradwatch.adapters.cpu_native import CpuKernels, cpu_kernels, eligible
 
 from gradwatch.activations import CAN_DIE, CAN_SATURATE, SQUASHING
 
@@ -275,25 +275,37 @@ def activation_reductions_on_device(
     :func:`gradwatch.activations.activation_stats_from_array`, a NaN output is neither
     inactive nor in a tail.
     """
+    kernels = cpu_kernels() if eligible(output) else None
+    if kernels is not None:  # read in place: no autograd state to set up (~10 us a call)
+        return _reductions(output, kind, unit_axis, bounds, kernels)
     with torch.no_grad():
-        y = output.detach()
-        parts: list[torch.Tensor] = []
-        if kind in CAN_DIE:
-            parts.append(_active_per_unit(y, unit_axis))
-        elif kind not in SQUASHING:
-            parts.append(_count_positive(y))
-        if kind in CAN_SATURATE:
-            parts.append(_count_in_tails(y, bounds))
-        return parts
+        return _reductions(output.detach(), kind, unit_axis, bounds, None)
+
+
+def _reductions(
+    y: torch.Tensor,
+    kind: str,
+    unit_axis: int,
+    bounds: tuple[float, float],
+    kernels: CpuKernels | None,
+) -> list[torch.Tensor]:
+    """:func:`activation_reductions_on_device` on the C kernels, or on torch ops."""
+    parts: list[torch.Tensor] = []
+    if kind in CAN_DIE:
+        parts.append(
+            kernels.active_per_unit(y, unit_axis) if kernels else _active_per_unit(y, unit_axis)
+        )
+    elif kind not in SQUASHING:
+        parts.append(kernels.count_active(y) if kernels else _count_positive(y))
+    if kind in CAN_SATURATE:
+        parts.append(kernels.count_in_tails(y, bounds) if kernels else _count_in_tails(y, bounds))
+    return parts
 
 
 def _active_per_unit(y: torch.Tensor, unit_axis: int) -> torch.Tensor:
     """Per unit, the count of active entries of a ReLU-family output (see
     :func:`_active_into`). A 0-d or 1-D output is one sample: each entry is its own
     unit."""
-    kernels = cpu_kernels() if eligible(y) else None
-    if kernels is not None:
-        return kernels.active_per_unit(y, unit_axis)
     if y.dim() <= 1:
         flat = y.reshape(-1)
         return _active_into(flat, torch.empty_like(flat)).float()
@@ -310,9 +322,6 @@ def _active_per_unit(y: torch.Tensor, unit_axis: int) -> torch.Tensor:
 
 def _count_positive(y: torch.Tensor) -> torch.Tensor:
     """The count of active entries of any output (see :func:`_active_into`)."""
-    kernels = cpu_kernels() if eligible(y) else None
-    if kernels is not None:
-        return kernels.count_active(y)
     counts = [
         _active_into(piece, _scratch_like(piece)).clamp_(min=0).sum(dtype=torch.float32)
         for piece in _slices(y)
@@ -334,9 +343,6 @@ def _count_in_tails(y: torch.Tensor, bounds: tuple[float, float]) -> torch.Tenso
     or one-sided (``lo = -inf``); both become ``sign(d - h') = 1`` with ``h'`` the next
     float below ``h`` in ``y``'s dtype, so a value exactly on the bound (hard tanh's
     plateau) counts."""
-    kernels = cpu_kernels() if eligible(y) else None
-    if kernels is not None:
-        return kernels.count_in_tails(y, bounds)
     lo, hi = bounds
     counts = []
     for piece in _slices(y):
