@@ -230,6 +230,11 @@ class _Probe:
                 np.full((ring, n_acts, 3), np.nan, np.float32), name="gradwatch_acts", **kw
             )
 
+    def state(self) -> list[tuple[str, keras.Variable]]:
+        """The variables by attribute name, in the order the JAX path threads them."""
+        names = ("counter", "samples", "steps", "grads", "acts")
+        return [(n, getattr(self, n)) for n in names if getattr(self, n) is not None]
+
 
 class GradWatchCallback(keras.callbacks.Callback):
     """Watches the gradients (and activations) of the batches ``fit`` trains on.
@@ -364,6 +369,8 @@ class GradWatchCallback(keras.callbacks.Callback):
     def _reset(self) -> None:
         self._probe: _Probe | None = None
         self._patches: list[tuple[Any, str]] = []
+        # JAX: the optimizer whose `_variables` list carries the probe, and the probe.
+        self._attached: tuple[Any, list[keras.Variable]] | None = None
         self._grad_names: tuple[str, ...] = ()
         self._act_layers: list[keras.layers.Layer] = []
         self._act_names: tuple[str, ...] = ()
@@ -440,12 +447,11 @@ class GradWatchCallback(keras.callbacks.Callback):
 
     def _install(self) -> None:
         model = self.model
-        if keras.backend.backend() not in ("tensorflow", "torch"):
-            # JAX trains through optimizer.stateless_apply inside a pure function; the
-            # probe variables would need threading through its state. Not supported yet.
+        backend = keras.backend.backend()
+        if backend not in ("tensorflow", "torch", "jax"):
             raise NotImplementedError(
-                f"GradWatchCallback supports the tensorflow and torch backends, not "
-                f"{keras.backend.backend()!r}"
+                f"GradWatchCallback supports the tensorflow, torch and jax backends, not "
+                f"{backend!r}"
             )
         optimizer = getattr(model, "optimizer", None)
         if optimizer is None:
@@ -488,14 +494,81 @@ class GradWatchCallback(keras.callbacks.Callback):
         ring = math.ceil((self._flush_calls * spe + spe) / period) + 2
         self._probe = _Probe(len(variables), len(self._act_layers), ring)
 
-        self._patch(model, "train_step", self._wrap_train_step(model.train_step))
+        if backend == "jax":
+            self._install_jax(model, optimizer, self._probe)
+        else:
+            self._patch(model, "train_step", self._wrap_train_step(model.train_step))
+            self._patch(optimizer, "apply", self._wrap_apply(optimizer.apply, optimizer))
         self._patch(model, "call", self._wrap_model_call(model.call))
         for i, layer in enumerate(self._act_layers):
             self._patch(layer, "call", self._wrap_layer_call(layer.call, i))
-        self._patch(optimizer, "apply", self._wrap_apply(optimizer.apply, optimizer))
         # The train function was built (and maybe traced) before on_train_begin: rebuild
         # it so the next trace goes through the wrappers.
         model.make_train_function(force=True)
+
+    def _install_jax(self, model: keras.Model, optimizer: Any, probe: _Probe) -> None:
+        """Thread the probe through the JAX trainer's pure train step.
+
+        The JAX trainer passes every variable in as state and takes the new values back
+        out; a variable outside that state is a constant to ``jax.jit`` and writes to it
+        are lost. So for the duration of ``fit`` the probe variables are appended to the
+        optimizer's variables (the innermost optimizer's, so they come last in
+        ``optimizer.variables``), and ``optimizer.stateless_apply`` is wrapped to
+        return their new values next to the optimizer's own. Activation outputs exist
+        only inside ``jax.value_and_grad``: ``compute_loss_and_updates`` reduces them
+        there and hands the table out as one extra entry of its non-trainable-variable
+        output, which the ``train_step`` wrapper removes and writes into the probe.
+        """
+        if keras.config.is_nnx_enabled():
+            # NNX's jit calls type(model).train_step, past the instance wrapper.
+            raise NotImplementedError("GradWatchCallback does not support Flax NNX mode")
+        if probe.grads is None:
+            raise RuntimeError("the model has no trainable variables at the start of fit")
+        if not optimizer.built:
+            raise RuntimeError("the optimizer was not built before fit started")
+        owner = optimizer
+        while getattr(owner, "inner_optimizer", None) is not None:
+            owner = owner.inner_optimizer
+        names = [name for name, _ in probe.state()]
+        ours = [v for _, v in probe.state()]
+        owner._variables.extend(ours)
+        self._attached = (owner, ours)
+        tail = list(optimizer.variables)[-len(ours) :]
+        if len(tail) != len(ours) or any(a is not b for a, b in zip(tail, ours, strict=True)):
+            raise RuntimeError(
+                f"{type(optimizer).__name__}.variables does not end with the variables "
+                f"appended to {type(owner).__name__}; its state cannot carry the probe"
+            )
+        chain = [optimizer]
+        while chain[-1] is not owner:
+            chain.append(chain[-1].inner_optimizer)
+        for opt in chain:
+            # A checkpoint saved (or restored) during fit must not see the probe.
+            for method in ("save_own_variables", "load_own_variables"):
+                self._patch(opt, method, self._without_probe(getattr(opt, method)))
+        self._patch(
+            optimizer,
+            "stateless_apply",
+            self._wrap_stateless_apply(optimizer.stateless_apply, optimizer, probe, names),
+        )
+        acts = probe.acts is not None
+        if acts and type(model).train_step is not keras.Model.train_step:
+            acts = False
+            self.analyzer_note(
+                "Activations not monitored: on the JAX backend they are read through "
+                "Keras' own train_step, which this model overrides."
+            )
+        if acts:
+            self._patch(
+                model,
+                "compute_loss_and_updates",
+                self._wrap_compute_loss(model.compute_loss_and_updates, probe, len(names)),
+            )
+        self._patch(
+            model,
+            "train_step",
+            self._wrap_jax_train_step(model.train_step, model, probe, names, acts),
+        )
 
     def analyzer_note(self, note: str) -> None:
         if self.analyzer is not None:
@@ -511,9 +584,18 @@ class GradWatchCallback(keras.callbacks.Callback):
 
     def _uninstall(self) -> None:
         patches, self._patches = self._patches, []
+        attached, self._attached = self._attached, None
+        model = getattr(self, "_model", None)
+        sync = getattr(model, "jax_state_sync", None)
+        if attached is not None and callable(sync):
+            # Mid-fit (an error, on_finding="raise"): write the live state back to the
+            # variables, so the next step rebuilds its state without the probe.
+            sync()
         for obj, name in reversed(patches):
             vars(obj).pop(name, None)
-        model = getattr(self, "_model", None)
+        if attached is not None:
+            owner, ours = attached
+            owner._variables[:] = [v for v in owner._variables if not _is_any(v, ours)]
         if patches and model is not None:
             # Drop the traced graph that contains our statistics; fit rebuilds it.
             model.train_function = None
@@ -573,14 +655,168 @@ class GradWatchCallback(keras.callbacks.Callback):
 
         return apply_with_gradwatch
 
+    def _without_probe(self, method: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def without_gradwatch(store: Any) -> Any:
+            attached = self._attached
+            if attached is None:
+                return method(store)
+            owner, ours = attached
+            kept = list(owner._variables)
+            owner._variables[:] = [v for v in kept if not _is_any(v, ours)]
+            try:
+                return method(store)
+            finally:
+                owner._variables[:] = kept
+
+        return without_gradwatch
+
+    def _wrap_stateless_apply(
+        self, stateless_apply: Callable[..., Any], optimizer: Any, probe: _Probe, names: list[str]
+    ) -> Callable[..., Any]:
+        def stateless_apply_with_gradwatch(
+            optimizer_variables: Any, grads: Any, trainable_variables: Any
+        ) -> Any:
+            new_trainable, new_optimizer = stateless_apply(
+                optimizer_variables, grads, trainable_variables
+            )
+            if self._guard.enabled:
+                with self._guard:
+                    new_optimizer = self._record_gradients_jax(
+                        probe,
+                        optimizer,
+                        names,
+                        list(optimizer_variables),
+                        list(grads),
+                        list(trainable_variables),
+                        list(new_optimizer),
+                    )
+            return new_trainable, new_optimizer
+
+        return stateless_apply_with_gradwatch
+
+    def _record_gradients_jax(
+        self,
+        probe: _Probe,
+        optimizer: Any,
+        names: list[str],
+        values: list[Any],
+        grads: list[Any],
+        params: list[Any],
+        new_values: list[Any],
+    ) -> list[Any]:
+        """JAX: ``new_values`` (the optimizer's new state) with the probe's entries, the
+        last ``len(names)``, replaced by their values after this step."""
+        base = len(values) - len(names)
+        current = dict(zip(names, values[base:], strict=True))
+        scale = _loss_scale(optimizer)
+        if isinstance(scale, keras.Variable):
+            # The value in this step's state; the variable itself holds no value now.
+            index = next(i for i, v in enumerate(optimizer.variables) if v is scale)
+            scale = values[index]
+        dynamic = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        refs = list(optimizer._trainable_variables)
+        present = [
+            (g, p, ref) for g, p, ref in zip(grads, params, refs, strict=True) if g is not None
+        ]
+        probe.ensure_grads(len(present))
+        self._grad_names = tuple(_var_name(ref) for _, _, ref in present)
+        step = current["counter"]
+        written = ("grads", "steps", "samples")
+        new = self._if_sampled(
+            step,
+            lambda: self._sample(
+                probe,
+                current,
+                step,
+                [g for g, _, _ in present],
+                [p for _, p, _ in present],
+                scale,
+                dynamic,
+                None,
+            ),
+            lambda: {name: current[name] for name in written},
+        )
+        new["counter"] = step + 1
+        out = list(new_values)
+        for i, name in enumerate(names):
+            if name in new:
+                out[base + i] = new[name]
+        return out
+
+    def _wrap_compute_loss(
+        self, compute_loss_and_updates: Callable[..., Any], probe: _Probe, n_probe: int
+    ) -> Callable[..., Any]:
+        def compute_loss_and_updates_with_gradwatch(*args: Any, **kwargs: Any) -> Any:
+            loss, aux = compute_loss_and_updates(*args, **kwargs)
+            optimizer_variables = kwargs.get("optimizer_variables")
+            if not (self._in_train_step and kwargs.get("training") and optimizer_variables):
+                return loss, aux
+            outputs = dict(self._act_last_out)
+
+            def missing() -> Any:
+                return ops.full((probe.n_acts, 3), math.nan, "float32")
+
+            table = None
+            if self._guard.enabled:
+                with self._guard:
+                    # The outputs are tracers of jax.value_and_grad: reduced in here, on
+                    # sampled steps only (the probe's counter is in the optimizer state).
+                    step = optimizer_variables[len(optimizer_variables) - n_probe]
+                    table = self._if_sampled(
+                        step, lambda: self._activation_table(probe.n_acts, outputs), missing
+                    )
+            if table is None:
+                table = missing()
+            unscaled_loss, y_pred, non_trainable, metrics = aux
+            return loss, (unscaled_loss, y_pred, [*non_trainable, table], metrics)
+
+        return compute_loss_and_updates_with_gradwatch
+
+    def _wrap_jax_train_step(
+        self,
+        train_step: Callable[..., Any],
+        model: keras.Model,
+        probe: _Probe,
+        names: list[str],
+        acts: bool,
+    ) -> Callable[..., Any]:
+        def train_step_with_gradwatch(state: Any, data: Any) -> Any:
+            self._in_train_step = True
+            try:
+                logs, new_state = train_step(state, data)
+            finally:
+                self._in_train_step = False
+                self._act_last_out.clear()
+            if not acts:
+                return logs, new_state
+            trainable, non_trainable, optimizer_state, metrics = new_state
+            if len(non_trainable) != len(model.non_trainable_variables) + 1:
+                return logs, new_state
+            # The activation table compute_loss_and_updates appended: not model state.
+            table = non_trainable[-1]
+            non_trainable = list(non_trainable[:-1])
+            if self._guard.enabled:
+                with self._guard:
+                    before = dict(zip(names, state[2][len(state[2]) - len(names) :], strict=True))
+                    index = len(optimizer_state) - len(names) + names.index("acts")
+                    optimizer_state = list(optimizer_state)
+                    old = optimizer_state[index]
+                    slot = ops.mod(before["samples"], probe.ring)
+                    written = _one_hot_where(slot, probe.ring, table, old)
+                    if self.sample_every > 1:
+                        written = ops.where(self._is_sampled(before["counter"]), written, old)
+                    optimizer_state[index] = written
+            return logs, (trainable, non_trainable, optimizer_state, metrics)
+
+        return train_step_with_gradwatch
+
     def _record_gradients(
         self, probe: _Probe, optimizer: Any, grads: list[Any], variables: list[Any]
     ) -> None:
-        # Unscale as the optimizer will: LossScaleOptimizer's dynamic scale, or a fixed
-        # loss_scale_factor. Read before `apply`, which may change the dynamic scale.
-        scale = getattr(optimizer, "dynamic_scale", None)
-        if scale is None:
-            scale = getattr(optimizer, "loss_scale_factor", None)
+        """TensorFlow and torch: reduce this step's gradients into the probe variables,
+        assigned in place inside the sampled branch."""
+        # Read before `apply`, which may change LossScaleOptimizer's dynamic scale.
+        scale = _loss_scale(optimizer)
         dynamic = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         present = [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
         grad_ring = probe.ensure_grads(len(present))
@@ -590,48 +826,73 @@ class GradWatchCallback(keras.callbacks.Callback):
         # This step's activation outputs, recorded by the layer wrappers during its
         # forward pass (the same traced step, so they can be used here).
         outputs = dict(self._act_last_out)
+        acts = probe.acts
 
         def write() -> None:
-            rows = []
-            for g, _ in present:
-                if scale is not None:
-                    g = ops.divide(ops.cast(g, "float32"), ops.cast(scale, "float32"))
-                rows.append(_grad_row(g))
-            table = (
-                ops.zeros((0, _GRAD_COLUMNS), "float32")
-                if not rows
-                else ops.concatenate(
-                    [
-                        ops.stack(rows),
-                        ops.expand_dims(
-                            _param_norms([v for _, v in present], probe.samples.value), -1
-                        ),
-                    ],
-                    axis=1,
-                )
+            current = {"grads": grad_ring.value, "steps": probe.steps.value}
+            current["samples"] = probe.samples.value
+            if acts is not None:
+                current["acts"] = acts.value
+            new = self._sample(
+                probe,
+                current,
+                step,
+                [g for g, _ in present],
+                [v for _, v in present],
+                scale,
+                dynamic,
+                None if acts is None else lambda: self._activation_table(probe.n_acts, outputs),
             )
-            # Rows in call order (model order), zero-padded to the probe's fixed shape.
-            padding = probe.n_vars - len(rows)
-            if padding:
-                table = ops.concatenate(
-                    [table, ops.zeros((padding, _GRAD_COLUMNS), "float32")], axis=0
-                )
-            slot = ops.mod(probe.samples.value, probe.ring)
-            if dynamic and present:
-                skipped = ops.cast(ops.greater(ops.sum(table[:, _NONFINITE]), 0.0), "int32")
-            else:
-                skipped = ops.convert_to_tensor(0, "int32")
-            grad_ring.assign(_one_hot_where(slot, probe.ring, table, grad_ring.value))
-            probe.steps.assign(
-                _one_hot_where(slot, probe.ring, ops.stack([step, skipped]), probe.steps.value)
-            )
-            if probe.acts is not None:
-                table = self._activation_table(probe.n_acts, outputs)
-                probe.acts.assign(_one_hot_where(slot, probe.ring, table, probe.acts.value))
-            probe.samples.assign(probe.samples.value + 1)
+            for name, value in new.items():
+                getattr(probe, name).assign(value)
 
         self._when_sampled(step, write)
         probe.counter.assign(step + 1)
+
+    def _sample(
+        self,
+        probe: _Probe,
+        current: dict[str, Any],
+        step: Any,
+        grads: list[Any],
+        params: list[Any],
+        scale: Any,
+        dynamic: bool,
+        activation_table: Callable[[], Any] | None,
+    ) -> dict[str, Any]:
+        """New values of the rings (``grads``, ``steps``, ``acts``) and of ``samples``
+        after writing one sample, from their ``current`` values. Pure, so the TensorFlow
+        and torch path assigns the result and the JAX path returns it as state."""
+        rows = []
+        for g in grads:
+            if scale is not None:
+                g = ops.divide(ops.cast(g, "float32"), ops.cast(scale, "float32"))
+            rows.append(_grad_row(g))
+        samples = current["samples"]
+        table = (
+            ops.zeros((0, _GRAD_COLUMNS), "float32")
+            if not rows
+            else ops.concatenate(
+                [ops.stack(rows), ops.expand_dims(_param_norms(params, samples), -1)], axis=1
+            )
+        )
+        # Rows in call order (model order), zero-padded to the probe's fixed shape.
+        padding = probe.n_vars - len(rows)
+        if padding:
+            table = ops.concatenate([table, ops.zeros((padding, _GRAD_COLUMNS), "float32")], axis=0)
+        slot = ops.mod(samples, probe.ring)
+        if dynamic and rows:
+            skipped = ops.cast(ops.greater(ops.sum(table[:, _NONFINITE]), 0.0), "int32")
+        else:
+            skipped = ops.convert_to_tensor(0, "int32")
+        new = {
+            "grads": _one_hot_where(slot, probe.ring, table, current["grads"]),
+            "steps": _one_hot_where(slot, probe.ring, ops.stack([step, skipped]), current["steps"]),
+        }
+        if activation_table is not None:
+            new["acts"] = _one_hot_where(slot, probe.ring, activation_table(), current["acts"])
+        new["samples"] = samples + 1
+        return new
 
     def _activation_table(self, n_acts: int, outputs: dict[int, Any]) -> Any:
         """``(n_acts, 3)`` activation fractions of this step; NaN rows for layers that
@@ -652,15 +913,25 @@ class GradWatchCallback(keras.callbacks.Callback):
         """The schedule on the host: is ``step`` one of the sampled steps?"""
         return self._schedule(step)
 
+    def _is_sampled(self, step: Any) -> Any:
+        """The in-graph twin of :meth:`_sampled`."""
+        return ops.logical_or(
+            ops.less(step, self.dense_until), ops.equal(ops.mod(step, self.sample_every), 0)
+        )
+
     def _when_sampled(self, step: Any, write: Callable[[], None]) -> None:
         """Run ``write`` in the traced step only on sampled steps (see :meth:`_sampled`)."""
         if self.sample_every == 1:
             write()
             return
-        sampled = ops.logical_or(
-            ops.less(step, self.dense_until), ops.equal(ops.mod(step, self.sample_every), 0)
-        )
-        ops.cond(sampled, write, lambda: None)
+        ops.cond(self._is_sampled(step), write, lambda: None)
+
+    def _if_sampled(self, step: Any, compute: Callable[[], Any], keep: Callable[[], Any]) -> Any:
+        """``compute()`` on sampled steps, ``keep()`` on the others: the pure form of
+        :meth:`_when_sampled` for JAX, where a branch may not assign variables."""
+        if self.sample_every == 1:
+            return compute()
+        return ops.cond(self._is_sampled(step), compute, keep)
 
     # --- host side ---------------------------------------------------------------------------
 
@@ -668,6 +939,10 @@ class GradWatchCallback(keras.callbacks.Callback):
         probe, analyzer = self._probe, self.analyzer
         if probe is None or analyzer is None:
             return
+        sync = getattr(self._model, "jax_state_sync", None)
+        if callable(sync):
+            # JAX keeps the live state outside the variables during an epoch.
+            sync()
         steps = _to_host(probe.steps)
         fresh = np.flatnonzero(steps[:, 0] > self._last_read)
         if fresh.size == 0:
@@ -759,18 +1034,34 @@ class GradWatchCallback(keras.callbacks.Callback):
         warnings.warn(text, GradwatchWarning, stacklevel=2)
 
 
+def _loss_scale(optimizer: Any) -> Any:
+    """What ``optimizer`` divides the gradients by: LossScaleOptimizer's dynamic scale
+    (a variable), a fixed ``loss_scale_factor``, or ``None``."""
+    scale = getattr(optimizer, "dynamic_scale", None)
+    if scale is None:
+        scale = getattr(optimizer, "loss_scale_factor", None)
+    return scale
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _to_host(variable: keras.Variable) -> np.ndarray:
-    """One device-to-host copy of a probe variable (tf.Tensor or torch.Tensor)."""
+    """One device-to-host copy of a probe variable (tf.Tensor, torch.Tensor or a JAX
+    array)."""
     value = variable.value
     detach = getattr(value, "detach", None)
     if callable(detach):  # torch
         value = detach().cpu()
-    return np.asarray(value.numpy())
+    numpy = getattr(value, "numpy", None)
+    return np.asarray(numpy() if callable(numpy) else value)
+
+
+def _is_any(variable: Any, candidates: list[Any]) -> bool:
+    # By identity: `==` on Keras variables compares their values elementwise.
+    return any(variable is c for c in candidates)
 
 
 def _layer_name(layer: keras.layers.Layer) -> str:

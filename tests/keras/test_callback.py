@@ -45,6 +45,16 @@ def _reference_grads(model, x, y):
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True))
         return [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+    if BACKEND == "jax":
+        import jax
+
+        def loss_of(trainable):
+            non_trainable = [v.value for v in model.non_trainable_variables]
+            y_pred, _ = model.stateless_call(trainable, non_trainable, x, training=True)
+            return loss_fn(y, y_pred)
+
+        grads = jax.grad(loss_of)([v.value for v in model.trainable_variables])
+        return [np.asarray(g) for g in grads]
     import torch
 
     for v in model.trainable_variables:
