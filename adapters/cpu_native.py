@@ -51,10 +51,20 @@ _c_int64, _c_void_p, _c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 
 def eligible(t: torch.Tensor) -> bool:
-    """Whether the kernels can read ``t`` in place: a dense, contiguous float32 CPU
-    tensor (anything else takes the torch ops)."""
+    """Whether the kernels can read ``t`` in place: a plain (not a subclass such as a
+    DTensor, whose data pointer is not its data), dense, contiguous float32 CPU tensor.
+    Anything else takes the torch ops."""
     # is_cpu and layout, not device.type: this runs per tensor per sampled step (~1 us).
-    return t.is_cpu and t.dtype == torch.float32 and t.layout == torch.strided and t.is_contiguous()
+    return (
+        type(t) in _PLAIN
+        and t.is_cpu
+        and t.dtype == torch.float32
+        and t.layout == torch.strided
+        and t.is_contiguous()
+    )
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class CpuKernels:

@@ -144,6 +144,12 @@ def test_ineligible_tensors_take_the_torch_ops() -> None:
     assert not cpu_native.eligible(base.t())
     assert not cpu_native.eligible(base.double())
     assert not cpu_native.eligible(base.to_sparse())
+    assert cpu_native.eligible(torch.nn.Parameter(base))
+
+    class Wrapped(torch.Tensor):  # e.g. DTensor: its data pointer is not its data
+        pass
+
+    assert not cpu_native.eligible(base.as_subclass(Wrapped))
     transposed = base.t()
     got = grad_stats_on_device([transposed, base]).double().numpy()
     np.testing.assert_allclose(got[:, 0], got[:, 1], rtol=1e-5)
