@@ -17,7 +17,6 @@ import gradwatch  # noqa: E402
 from gradwatch import FindingError, GradWatchCallback, GradwatchWarning  # noqa: E402
 
 BACKEND = keras.backend.backend()
-tf_only = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow backend only")
 
 
 def _cb(**kw):
@@ -177,11 +176,18 @@ def _patched(model):
     ]
 
 
+def _optimizer_state(model):
+    return [id(v) for v in model.optimizer.variables]
+
+
 def test_everything_is_restored_after_fit_and_a_later_fit_runs_unwatched() -> None:
     model = _small_model()
+    model.optimizer.build(model.trainable_variables)
+    state = _optimizer_state(model)
     cb = _cb()
     fit(model, [cb])
     assert _patched(model) == []
+    assert _optimizer_state(model) == state
     probe = cb._probe
     assert int(keras.ops.convert_to_numpy(probe.counter.value)) == 32
     fit(model, [])  # runs the original graph: the old probe is never written again
@@ -251,9 +257,63 @@ def test_subclassed_model_with_nested_layers() -> None:
     assert _patched(model) == []
 
 
-@tf_only
-@pytest.mark.parametrize("kw", [{"steps_per_execution": 5}, {"jit_compile": True}])
-def test_tensorflow_compile_options(kw) -> None:
+def test_checkpoint_saved_during_fit_holds_no_gradwatch_state(tmp_path) -> None:
+    model = compile_classifier(mlp(depth=1, width=8), keras.optimizers.Adam(0.01))
+    path = tmp_path / "model.keras"
+    checkpoint = keras.callbacks.ModelCheckpoint(str(path), save_freq=5)
+    fit(model, [_cb(), checkpoint], xy=data(n=128))
+    with warnings.catch_warnings():
+        # Keras warns (and skips the optimizer) when the saved variable count differs.
+        warnings.filterwarnings("error", message=".*Skipping variable loading")
+        loaded = keras.models.load_model(path)
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
+    assert not any("gradwatch" in v.path for v in loaded.optimizer.variables)
+
+
+def test_validation_during_fit() -> None:
+    model = _small_model()
+    x, y = data(n=128)
+    cb = _cb(sample_every=2, dense_until=0)
+    history = model.fit(
+        x, y, validation_data=(x, y), epochs=3, batch_size=16, verbose=0, callbacks=[cb]
+    )
+    assert len(history.history["val_loss"]) == 3
+    assert cb.report.steps_observed == 12  # 24 training steps, every 2nd
+
+
+class OwnTrainStep(keras.Sequential):
+    def train_step(self, *args, **kwargs):
+        return super().train_step(*args, **kwargs)
+
+
+def test_model_with_its_own_train_step() -> None:
+    model = compile_classifier(
+        OwnTrainStep(
+            [keras.Input((16,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(4)]
+        )
+    )
+    cb = _cb()
+    fit(model, [cb], xy=data(n=64))
+    assert cb.report.steps_observed == 4
+    assert cb.last_step_stats.grad_layers == tuple(v.path for v in model.trainable_variables)
+    if BACKEND == "jax":
+        # JAX reads activations inside Keras' own train_step only: said, not guessed.
+        assert cb.last_step_stats.act_layers == ()
+        assert any("overrides" in note for note in cb.report.notes)
+    else:
+        assert cb.last_step_stats.act_layers == (model.layers[0].path,)
+
+
+_COMPILE_OPTIONS = {
+    # torch rejects steps_per_execution > 1, and its jit_compile is torch.compile.
+    "tensorflow": [{"steps_per_execution": 5}, {"jit_compile": True}],
+    "jax": [{"steps_per_execution": 5}, {"jit_compile": False}, {"run_eagerly": True}],
+}
+
+
+@pytest.mark.skipif(BACKEND not in _COMPILE_OPTIONS, reason="no such options on this backend")
+@pytest.mark.parametrize("kw", _COMPILE_OPTIONS.get(BACKEND, [{}]))
+def test_compile_options(kw) -> None:
     x, y = data(n=32)
     model = _small_model()
     model.compile(
@@ -314,10 +374,15 @@ def test_on_finding_stop_ends_training_early() -> None:
 def test_on_finding_raise_raises_finding_error_and_restores() -> None:
     cb = _cb(on_finding="raise", flush_every=1)
     model = _doomed()
+    model.optimizer.build(model.trainable_variables)
+    state = _optimizer_state(model)
     with pytest.raises(FindingError) as info:
         _fit_doomed(model, [cb], epochs=3)
     assert info.value.finding.rule == "nonfinite_gradient"
     assert _patched(model) == []
+    assert _optimizer_state(model) == state
+    # Restored mid-epoch, the optimizer trains a later fit as before.
+    assert len(_fit_doomed(model, []).history["loss"]) == 1
 
 
 def test_on_finding_callable_receives_findings() -> None:
