@@ -54,6 +54,12 @@ from gradwatch.adapters.torch_reductions import (
     grad_stats_on_device,
     unit_axis_of,
 )
+from gradwatch.adapters.torch_sharded import (
+    combine_grad_stats,
+    combine_sum,
+    local_values,
+    sharding_of,
+)
 from torch import nn
 
 from gradwatch.activations import kind_from_name, tail_bounds
@@ -138,10 +144,12 @@ def _is_rank_zero() -> bool:
 
 @dataclass
 class _GradGroup:
-    """Parameters whose gradients are reduced together (one device and dtype)."""
+    """Parameters whose gradients are reduced together (one device and dtype, and for
+    sharded gradients one process group to combine the shards over)."""
 
     indices: list[int]
     device: torch.device
+    shard_group: Any = None
 
 
 @dataclass
@@ -565,8 +573,14 @@ class TorchWatch:
         ]
         key = tuple((i, g.device, g.dtype, g.is_sparse) for i, g in live if g is not None)
         if live and key != self._groups_key:
-            self._groups = _group_params(live)
+            self._groups, left_out = _group_params(live)
             self._groups_key = key
+            if left_out:
+                self.analyzer.add_note(
+                    "Left out of the statistics: sharded gradients whose layout gradwatch "
+                    "cannot combine across ranks (Partial placements or several sharded "
+                    f"mesh dimensions): {', '.join(self._names[i] for i in left_out)}."
+                )
         return {i: g for i, g in live if g is not None}
 
     def _reduce_total_norm(self, pending: _PendingStep) -> None:
@@ -580,10 +594,12 @@ class TorchWatch:
                 tensors = [_dense_values(grads[i]) for i in group.indices]
                 kernels = cpu_kernels() if group.device.type == "cpu" else None
                 if kernels is not None and all(eligible(t) for t in tensors):
-                    pending.total_parts.append(kernels.sum_squares(tensors).sum())
-                    continue
-                norms = torch._foreach_norm(tensors)
-                pending.total_parts.append(torch.stack(norms).float().square().sum())
+                    squares = kernels.sum_squares(tensors).sum()
+                else:
+                    squares = torch.stack(torch._foreach_norm(tensors)).float().square().sum()
+                if group.shard_group is not None:
+                    squares = combine_sum(squares, group.shard_group)
+                pending.total_parts.append(squares)
 
     def _reduce_grads(self, pending: _PendingStep) -> None:
         params = self._params
@@ -597,8 +613,13 @@ class TorchWatch:
         for group in self._groups:
             tensors = [_dense_values(grads[i]) for i in group.indices]
             pending.grad_indices.extend(group.indices)
-            weights = [params[i].detach() for i in group.indices] if with_weights else None
-            pending.grad_parts.append(grad_stats_on_device(tensors, weights))
+            weights = (
+                [local_values(params[i].detach()) for i in group.indices] if with_weights else None
+            )
+            stats = grad_stats_on_device(tensors, weights)
+            if group.shard_group is not None:
+                stats = combine_grad_stats(stats, group.shard_group)
+            pending.grad_parts.append(stats)
         for i, g in grads.items():
             if g.is_sparse:
                 pending.sparse_numel[i] = g.numel()
@@ -798,28 +819,38 @@ def _functional_hook_for(site: _ActivationSite) -> Callable[..., None]:
 
 
 def _dense_values(grad: torch.Tensor | None) -> torch.Tensor:
-    """A sparse gradient's stored values (its other entries are zeros), else the gradient."""
+    """A sparse gradient's stored values (its other entries are zeros), a sharded one's
+    local shard, else the gradient."""
     assert grad is not None
     if not grad.is_sparse:
-        return grad
+        return local_values(grad)
     values = grad.coalesce().values()
     # an all-zero sparse gradient stores nothing; one explicit zero has the same statistics
     return values if values.numel() else values.new_zeros(1)
 
 
-def _group_params(live: Sequence[tuple[int, torch.Tensor | None]]) -> list[_GradGroup]:
-    """Dense gradients grouped by (device, dtype) for fused reductions; sparse ones alone."""
+def _group_params(
+    live: Sequence[tuple[int, torch.Tensor | None]],
+) -> tuple[list[_GradGroup], list[int]]:
+    """Dense gradients grouped by (device, dtype, shard group) for fused reductions,
+    sparse ones alone; and the indices of sharded gradients that cannot be combined."""
     groups: dict[Any, _GradGroup] = {}
     singles: list[_GradGroup] = []
+    left_out: list[int] = []
     for i, g in live:
         if g is None:
             continue
         if g.is_sparse:
             singles.append(_GradGroup([i], g.device))
             continue
-        key = (g.device, g.dtype)
-        groups.setdefault(key, _GradGroup([], g.device)).indices.append(i)
-    return [*groups.values(), *singles]
+        sharding = sharding_of(g)
+        if sharding is not None and not sharding.supported:
+            left_out.append(i)
+            continue
+        shard_group = sharding.group if sharding is not None else None
+        key = (g.device, g.dtype, id(shard_group))
+        groups.setdefault(key, _GradGroup([], g.device, shard_group)).indices.append(i)
+    return [*groups.values(), *singles], left_out
 
 
 def _print_report(report: Report) -> None:

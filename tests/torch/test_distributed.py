@@ -1,5 +1,7 @@
-"""DistributedDataParallel on 2 CPU processes (gloo, 127.0.0.1): every rank computes,
-only rank 0 warns or prints, nothing deadlocks, findings match a single-process run."""
+"""DistributedDataParallel and FSDP2 (``fully_shard``) on 2 CPU processes (gloo,
+127.0.0.1): every rank computes, only rank 0 warns or prints, nothing deadlocks, and
+findings and per-layer norms match a single-process run on the whole batch (FSDP's
+gradients are sharded: their statistics must be combined across ranks)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import socket
 import sys
 import warnings
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -57,15 +60,30 @@ def _run(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, object
     return {
         "findings": grad_findings,
         "layers": [layer.name for layer in report.layers],
+        "norms": [layer.typical_norm for layer in report.layers],
+        "numel": [layer.numel for layer in report.layers],
         "warnings": sum(1 for w in caught if "gradwatch" in str(w.message)),
     }
 
 
-def _worker(rank: int, port: int, out: dict[int, dict[str, object]]) -> None:
+def _wrapped(wrapper: str) -> nn.Module:
+    model = _model()
+    if wrapper == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def _worker(rank: int, port: int, out: dict[int, dict[str, object]], wrapper: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        model = nn.parallel.DistributedDataParallel(_model())
+        model = _wrapped(wrapper)
         x, y = _data()
         half = slice(rank * 32, (rank + 1) * 32)  # mean loss over halves = full-batch gradient
         out[rank] = _run(model, x[half], y[half])
@@ -81,13 +99,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_single_process() -> None:
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_two_processes_match_single_process(wrapper: str) -> None:
     x, y = _data()
     single = _run(_model(), x, y)
     manager = mp.Manager()
     out = manager.dict()
     ctx = mp.start_processes(
-        _worker, args=(_free_port(), out), nprocs=2, join=False, start_method="spawn"
+        _worker, args=(_free_port(), out, wrapper), nprocs=2, join=False, start_method="spawn"
     )
     for _ in range(120):
         if ctx.join(timeout=1):
@@ -95,11 +114,42 @@ def test_ddp_two_processes_match_single_process() -> None:
     else:
         for p in ctx.processes:
             p.kill()
-        pytest.fail("DDP run did not finish within 120 s (deadlock?)")
+        pytest.fail(f"{wrapper} run did not finish within 120 s (deadlock?)")
     assert set(out.keys()) == {0, 1}
     assert single["findings"], "the reference run should find vanishing gradients"
     for rank in (0, 1):
         assert out[rank]["findings"] == single["findings"]
         assert out[rank]["layers"] == single["layers"]  # "module." stripped
+        assert out[rank]["numel"] == single["numel"]  # whole tensors, not shards
+        np.testing.assert_allclose(out[rank]["norms"], single["norms"], rtol=1e-4)
     assert out[0]["warnings"] >= 1
     assert out[1]["warnings"] == 0
+
+
+def test_sharded_layouts_gradwatch_cannot_combine_are_left_out() -> None:
+    """A Partial placement (a pending sum) has no per-shard statistics to add up: such
+    gradients are grouped out (and noted in the report), never reported per shard."""
+    from gradwatch.adapters.torch import _group_params
+    from gradwatch.adapters.torch_sharded import local_values, sharding_of
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, init_device_mesh
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        local = torch.arange(6.0).reshape(3, 2)
+        sharded = DTensor.from_local(local, mesh, [Shard(0)])
+        replicated = DTensor.from_local(local, mesh, [Replicate()])
+        partial = DTensor.from_local(local, mesh, [Partial()])
+        assert sharding_of(local) is None
+        sharding = sharding_of(sharded)
+        assert sharding is not None and sharding.supported and sharding.group is not None
+        assert sharding_of(replicated).group is None  # type: ignore[union-attr]
+        assert not sharding_of(partial).supported  # type: ignore[union-attr]
+        assert torch.equal(local_values(sharded), local)
+        groups, left_out = _group_params([(0, local), (1, sharded), (2, partial)])
+        assert left_out == [2]
+        assert sorted(i for g in groups for i in g.indices) == [0, 1]
+    finally:
+        dist.destroy_process_group()
