@@ -3,13 +3,12 @@ computed where the tensors live, with nothing copied to the host.
 
 The cost of a sampled step is memory traffic, so each tensor is read from memory once.
 On CPU, float32 tensors go through the one-pass C kernels of :mod:`cpu_native` when a
-C compiler is there. Everywhere else every further statistic runs on the tensor while
-it is still in cache: ``|g|`` goes into a
-reused scratch buffer, then its sum, its max, and (through ``sign``) its count of
-non-zero entries are taken in turn. Comparisons and ``count_nonzero`` are avoided on
-purpose: on this project's CPU ``count_nonzero`` took 0.14-0.75 ms on a 512x512 tensor
-(more with more zeros: branch mispredictions) against 0.07 ms for ``abs``, ``sign`` and
-a sum (docs/benchmarks.md).
+C compiler is there. Everywhere else each further statistic runs on the tensor while it
+is still in cache: ``|g|`` goes into a reused scratch buffer, then its sum, its max,
+and (through ``sign``) its count of non-zero entries are taken in turn. Comparisons
+and ``count_nonzero`` are avoided on purpose: on this project's CPU ``count_nonzero``
+took 0.14-0.75 ms on a 512x512 tensor (more with more zeros: branch mispredictions)
+against 0.07 ms for ``abs``, ``sign`` and a sum (docs/benchmarks.md).
 
 Example:
     >>> import torch
