@@ -94,6 +94,8 @@ def test_reads_the_gradients_the_optimizer_applies() -> None:
         np.testing.assert_allclose(seen, _stats(ref), rtol=1e-4, atol=1e-7)
         assert stats.grad_numel[i] == ref.size
         assert stats.grad_nonfinite[i] == 0
+        # The weights the step started from (the first samples always have them).
+        np.testing.assert_allclose(stats.param_norm[i], np.linalg.norm(b), rtol=1e-5)
 
 
 def test_relu_activation_statistics_match_the_batch() -> None:
