@@ -34,17 +34,19 @@ def interleaved_timing(
     reps: int = 5,
     baseline: str | None = None,
 ) -> Timing:
-    """Each round runs every variant ``reps`` times back to back, in a fixed order, and
-    records the mean; medians are over ``rounds``. ``warmup`` calls of each variant come
-    first (allocator, caches, and gradwatch's dense first steps). Ratios are against
-    ``baseline`` (default: the first variant).
+    """Each round runs every variant ``reps`` times back to back and records the mean;
+    medians are over ``rounds``. The order rotates by one variant each round, so what
+    ran just before (cache and allocator state) hits every variant alike. ``warmup``
+    calls of each variant come first (allocator, caches, and gradwatch's dense first
+    steps). Ratios are against ``baseline`` (default: the first variant).
     """
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
+    order = list(variants.items())
+    for r in range(rounds):
+        for name, fn in order[r % len(order) :] + order[: r % len(order)]:
             start = time.perf_counter()
             for _ in range(reps):
                 fn()
