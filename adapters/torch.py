@@ -3,7 +3,10 @@
 It turns gradients and activation outputs into :class:`gradwatch.StepStats` and hands
 them to a :class:`gradwatch.Analyzer`. The per-step path stays on the device: fused
 multi-tensor reductions, no ``.item()``, no Python branch on a tensor value; results
-are copied to the host in one transfer every ``flush_every`` steps.
+are copied to the host in one transfer every ``flush_every`` steps. On CPU, float32
+tensors are reduced by the one-pass C kernels of ``cpu_native`` when they can be built.
+Sharded (FSDP2 / DTensor) gradients are reduced per shard and combined across ranks
+(``torch_sharded``).
 
 What one "step" is:
 
@@ -87,7 +90,7 @@ _ON_FINDING_MODES = ("warn", "raise", "ignore")
 
 # Dense for the first 50 steps so every rule (warm-up 10 + persistence 10, see
 # gradwatch/rules/base.py) can fire within 50 steps, then 1 step in 10: with the norm
-# schedule below, 3.4% of a 12x512 ReLU MLP step on CPU (docs/benchmarks.md).
+# schedule below, 2.1-2.3% of a 12x512 ReLU MLP step on CPU (docs/benchmarks.md).
 DEFAULT_GRAD_SCHEDULE: Schedule = every(10, dense_until=50)
 DEFAULT_ACTIVATION_SCHEDULE: Schedule = every(10, dense_until=50)
 # Steps not sampled per layer still get their total gradient norm on this schedule:
