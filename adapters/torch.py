@@ -327,7 +327,7 @@ class TorchWatch:
 
         self._hook_params()
         if optimizer is not None:
-            self._handles.append(optimizer.register_step_pre_hook(self._weak(_on_optimizer_step)))
+            self._handles.append(optimizer.register_step_pre_hook(self._optimizer_hook()))
         if activations and _is_compiled(model):
             self._activations = False
             self.analyzer.add_note(
@@ -453,6 +453,38 @@ class TorchWatch:
             return fn(self, *args)
 
         return hook
+
+    def _optimizer_hook(self) -> Callable[..., Any]:
+        """The optimizer step hook. Once an internal error has switched monitoring off,
+        a watch over sharded gradients still joins the collectives its ranks expect at
+        each step (:meth:`_join_collectives`), so the other ranks never wait for it."""
+
+        def hook(*args: Any) -> None:
+            if self.enabled:
+                _on_optimizer_step(self, *args)
+            elif not self._closed and self._sharded_groups():
+                self._join_collectives()
+
+        return hook
+
+    def _sharded_groups(self) -> list[_GradGroup]:
+        return [g for g in self._groups if g.shard_group is not None]
+
+    def _join_collectives(self) -> None:
+        """The all_reduces of this step's reductions, on zeros: what a healthy watch on
+        another rank issues at this step (:meth:`_reduce_grads` or
+        :meth:`_reduce_total_norm`), in the same order and shapes."""
+        step, self.step_count = self.step_count, self.step_count + 1
+        with contextlib.suppress(Exception):  # monitoring is off: nothing may raise now
+            per_layer = bool(self._grad_schedule(step))
+            if not per_layer and not self._norm_schedule(step):
+                return
+            for group in self._sharded_groups():
+                if per_layer:
+                    zeros = torch.zeros(GRAD_ROWS, len(group.indices), device=group.device)
+                    combine_grad_stats(zeros, group.shard_group)
+                else:
+                    combine_sum(torch.zeros((), device=group.device), group.shard_group)
 
     def _hook_params(self) -> None:
         for index, param in enumerate(self._params):

@@ -10,9 +10,9 @@ placements, several sharded mesh dimensions) are left out of the statistics and 
 so in the report.
 
 Every rank runs the same steps and so issues the same collectives in the same order,
-at the optimizer step, on the mesh's own process group, as FSDP does. The one failure
-this does not contain: if an internal error switched gradwatch off on one rank only,
-the other ranks would wait for it at their next reduced step (README).
+at the optimizer step, on the mesh's own process group, as FSDP does. A rank whose
+monitoring an internal error switched off still joins them, on zeros
+(``TorchWatch._join_collectives``), so the other ranks never wait for it.
 
 Example:
     >>> import torch

@@ -62,6 +62,7 @@ def _run(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, object
         "layers": [layer.name for layer in report.layers],
         "norms": [layer.typical_norm for layer in report.layers],
         "numel": [layer.numel for layer in report.layers],
+        "notes": list(report.notes),
         "warnings": sum(1 for w in caught if "gradwatch" in str(w.message)),
     }
 
@@ -79,8 +80,17 @@ def _wrapped(wrapper: str) -> nn.Module:
     return model
 
 
-def _worker(rank: int, port: int, out: dict[int, dict[str, object]], wrapper: str) -> None:
+def _worker(
+    rank: int, port: int, out: dict[int, dict[str, object]], wrapper: str, fail_rank: int = -1
+) -> None:
     torch.set_num_threads(1)
+    if rank == fail_rank:  # an internal error on this rank only, at its first flush
+        from gradwatch.adapters.torch import TorchWatch
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("injected failure")
+
+        TorchWatch._to_step_stats = broken  # type: ignore[method-assign]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         model = _wrapped(wrapper)
@@ -98,15 +108,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
-def test_two_processes_match_single_process(wrapper: str) -> None:
-    x, y = _data()
-    single = _run(_model(), x, y)
+def _spawn(wrapper: str, fail_rank: int = -1) -> dict[int, dict[str, object]]:
+    """Both ranks' results; fails the test if they do not finish within 120 s."""
     manager = mp.Manager()
     out = manager.dict()
     ctx = mp.start_processes(
-        _worker, args=(_free_port(), out, wrapper), nprocs=2, join=False, start_method="spawn"
+        _worker,
+        args=(_free_port(), out, wrapper, fail_rank),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
     )
     for _ in range(120):
         if ctx.join(timeout=1):
@@ -115,6 +126,15 @@ def test_two_processes_match_single_process(wrapper: str) -> None:
         for p in ctx.processes:
             p.kill()
         pytest.fail(f"{wrapper} run did not finish within 120 s (deadlock?)")
+    return dict(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_two_processes_match_single_process(wrapper: str) -> None:
+    x, y = _data()
+    single = _run(_model(), x, y)
+    out = _spawn(wrapper)
     assert set(out.keys()) == {0, 1}
     assert single["findings"], "the reference run should find vanishing gradients"
     for rank in (0, 1):
@@ -124,6 +144,17 @@ def test_two_processes_match_single_process(wrapper: str) -> None:
         np.testing.assert_allclose(out[rank]["norms"], single["norms"], rtol=1e-4)
     assert out[0]["warnings"] >= 1
     assert out[1]["warnings"] == 0
+
+
+@pytest.mark.slow
+def test_fsdp_rank_that_stops_monitoring_does_not_stall_the_others() -> None:
+    """Rank 1 hits an internal error at its first flush and switches monitoring off; it
+    still joins the statistics' all_reduces, so rank 0 monitors to the end."""
+    out = _spawn("fsdp", fail_rank=1)
+    assert set(out.keys()) == {0, 1}
+    assert any("injected failure" in note for note in out[1]["notes"])  # type: ignore[attr-defined]
+    assert not any("Monitoring stopped" in note for note in out[0]["notes"])  # type: ignore[attr-defined]
+    assert out[0]["findings"], "rank 0 should still find the vanishing gradients"
 
 
 def test_sharded_layouts_gradwatch_cannot_combine_are_left_out() -> None:
