@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gradwatch.adapters.cpu_native import build_failure, cpu_kernels, eligible
+from gradwatch.adapters.cpu_native import build_failure, cpu_kernels
 from gradwatch.adapters.torch_reductions import (
     ACT_ROWS,
     GRAD_ROWS,
@@ -55,6 +55,7 @@ from gradwatch.adapters.torch_reductions import (
     activation_reductions_on_device,
     activation_stats_on_device,
     grad_stats_on_device,
+    squared_norms_on_device,
     unit_axis_of,
 )
 from gradwatch.adapters.torch_sharded import (
@@ -627,11 +628,7 @@ class TorchWatch:
         with torch.no_grad():
             for group in self._groups:
                 tensors = [_dense_values(grads[i]) for i in group.indices]
-                kernels = cpu_kernels() if group.device.type == "cpu" else None
-                if kernels is not None and all(eligible(t) for t in tensors):
-                    squares = kernels.sum_squares(tensors).sum()
-                else:
-                    squares = torch.stack(torch._foreach_norm(tensors)).float().square().sum()
+                squares = squared_norms_on_device(tensors).sum()
                 if group.shard_group is not None:
                     squares = combine_sum(squares, group.shard_group)
                 pending.total_parts.append(squares)

@@ -56,7 +56,7 @@ def grad_stats_on_device(
 
     Returns a ``(6, len(grads))`` float32 tensor with rows: L2 norm, max |g|, sum |g|,
     number of non-zero entries, non-finite entries, and the L2 norm of each parameter
-    in ``params`` (one more fused ``torch._foreach_norm``; NaN without ``params``).
+    in ``params`` (one more pass, :func:`squared_norms_on_device`; NaN without ``params``).
     Nothing is copied to the host.
 
     Dense contiguous float32 CPU tensors take the one-pass C kernels of
@@ -73,25 +73,19 @@ def grad_stats_on_device(
         >>> grad_stats_on_device([torch.tensor([3.0, -4.0, 0.0])])[:5, 0].tolist()
         [5.0, 4.0, 7.0, 2.0, 0.0]
     """
-    kernels = cpu_kernels() if grads[0].device.type == "cpu" else None
+    device = grads[0].device
+    weights = (
+        squared_norms_on_device(params).sqrt()
+        if params is not None
+        else torch.full((len(grads),), float("nan"), device=device)
+    )
+    kernels = cpu_kernels() if device.type == "cpu" else None
     if kernels is not None and all(eligible(g) for g in grads):
         # One read of each gradient (cpu_kernels.c) instead of ~5 torch kernels.
         stats = kernels.grad_stats(grads)
         stats[0].sqrt_()
-        if params is None:
-            weights = torch.full((len(grads),), float("nan"))
-        elif all(eligible(p) for p in params):
-            weights = kernels.sum_squares(params).sqrt_()
-        else:
-            weights = torch.stack(torch._foreach_norm(list(params))).float()
         return torch.cat([stats, weights.unsqueeze(0)])
     with torch.no_grad():
-        device = grads[0].device
-        weights = (
-            torch.stack(torch._foreach_norm(list(params))).float()
-            if params is not None
-            else torch.full((len(grads),), float("nan"), device=device)
-        )
         small = [j for j, g in enumerate(grads) if g.numel() <= SMALL_GRAD_NUMEL]
         if len(small) < _FLAT_MIN_TENSORS:
             small = []
@@ -105,6 +99,21 @@ def grad_stats_on_device(
         if small and large:  # back to the order of ``grads``
             stats = stats[:, _inverse_order(tuple(small + large), str(device))]
         return torch.cat([stats, weights.unsqueeze(0)])
+
+
+def squared_norms_on_device(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(len(tensors),)`` float32: each tensor's sum of squares, on their device (one
+    read of each: the C kernels on CPU float32, else one fused ``torch._foreach_norm``).
+
+    Example:
+        >>> squared_norms_on_device([torch.tensor([3.0, -4.0]), torch.ones(2)]).tolist()
+        [25.0, 2.0]
+    """
+    kernels = cpu_kernels() if tensors[0].device.type == "cpu" else None
+    if kernels is not None and all(eligible(t) for t in tensors):
+        return kernels.sum_squares(tensors)
+    with torch.no_grad():
+        return torch.stack(torch._foreach_norm(list(tensors))).float().square()
 
 
 @functools.lru_cache(maxsize=32)
@@ -412,5 +421,6 @@ __all__ = [
     "activation_reductions_on_device",
     "activation_stats_on_device",
     "grad_stats_on_device",
+    "squared_norms_on_device",
     "unit_axis_of",
 ]
