@@ -536,9 +536,11 @@ class GradWatchCallback(keras.callbacks.Callback):
             raise RuntimeError("the model has no trainable variables at the start of fit")
         if not optimizer.built:
             raise RuntimeError("the optimizer was not built before fit started")
-        owner = optimizer
-        while getattr(owner, "inner_optimizer", None) is not None:
-            owner = owner.inner_optimizer
+        # The optimizer and its wrapped ones (LossScaleOptimizer), outermost first.
+        chain = [optimizer]
+        while getattr(chain[-1], "inner_optimizer", None) is not None:
+            chain.append(chain[-1].inner_optimizer)
+        owner = chain[-1]
         names = [name for name, _ in probe.state()]
         ours = [v for _, v in probe.state()]
         owner._variables.extend(ours)
@@ -549,9 +551,6 @@ class GradWatchCallback(keras.callbacks.Callback):
                 f"{type(optimizer).__name__}.variables does not end with the variables "
                 f"appended to {type(owner).__name__}; its state cannot carry the probe"
             )
-        chain = [optimizer]
-        while chain[-1] is not owner:
-            chain.append(chain[-1].inner_optimizer)
         for opt in chain:
             # A checkpoint saved (or restored) during fit must not see the probe.
             for method in ("save_own_variables", "load_own_variables"):
