@@ -28,7 +28,7 @@ from gradwatch.report import FlowHistory as FlowSnapshot
 from gradwatch.report import LayerSummary, Report
 from gradwatch.rules import DEFAULT_RULES, RULE_IDS, Rule, RuleContext, Symptom
 from gradwatch.stats import StepStats
-from gradwatch.window import Window
+from gradwatch.window import Window, WindowView
 
 GRAD_METRICS = ("norm", "max_abs", "mean_abs", "zero_frac", "nonfinite", "numel", "param_norm")
 ACT_METRICS = ("inactive", "dead", "tail")
@@ -126,6 +126,10 @@ class Analyzer:
         self._baseline: list[float] = []
         self._initial_relative: list[float] = []  # median |g|/|w| of the first steps
         self._notes: dict[str, None] = {}
+        # First step whose NaN/Inf gradients reached the weights, and the rules that
+        # were not judged because of it (their evidence was computed on NaN weights).
+        self._weights_nonfinite_first: int | None = None
+        self._not_judged: dict[str, None] = {}
         self._opened: list[Finding] = []  # opened during this call, for on_finding
         self._n_steps = 0
         self._first_step = -1
@@ -297,6 +301,9 @@ class Analyzer:
         if not warm:
             return
         run = self._run.view()
+        poisoned_since = _weights_nonfinite_since(run)
+        if poisoned_since is not None and self._weights_nonfinite_first is None:
+            self._weights_nonfinite_first = poisoned_since
         grads = self._grads.view()
         acts = self._acts.view()
         kinds = tuple(self._act_kind[c] for c in acts.columns)
@@ -318,7 +325,13 @@ class Analyzer:
                 initial_grad_to_weight=initial_relative,
                 hidden_kinds=hidden,
                 new_steps=new_steps,
+                weights_nonfinite_since=poisoned_since,
             )
+            if rule.needs_finite_weights and poisoned_since is not None:
+                # No evidence either way: the episode ends, an opened finding stays.
+                self._not_judged[rule.id] = None
+                self._track(rule, episode, step, None)
+                continue
             self._track(rule, episode, step, rule.check(ctx))
 
     def _track(self, rule: Rule, ep: _Episode, step: int, symptom: Symptom | None) -> None:
@@ -372,6 +385,12 @@ class Analyzer:
         layers = self._layer_summaries()
         bin_steps, flow_layers, flow = self._flow.snapshot()
         notes = list(self._notes)
+        if self._not_judged:
+            notes.append(
+                f"From step {self._weights_nonfinite_first} on, NaN/Inf gradients reached "
+                f"the weights, so the statistics computed with them are unusable: "
+                f"{', '.join(self._not_judged)} were not judged while they lasted."
+            )
         if not self.guard.enabled and self.guard.error is not None:
             notes.append(f"Monitoring stopped early after an internal error: {self.guard.error}")
         return Report(
@@ -424,6 +443,16 @@ class Analyzer:
             + self._totals.nbytes()
             + self._flow.nbytes()
         )
+
+
+def _weights_nonfinite_since(run: WindowView) -> int | None:
+    """The first step in ``run`` whose NaN/Inf gradients were applied (an optimizer
+    step that was not skipped), or ``None``. A skipped AMP step leaves the weights as
+    they were."""
+    nonfinite = np.nan_to_num(run["nonfinite"][:, 0]) > 0
+    applied = np.nan_to_num(run["skipped"][:, 0]) == 0
+    hit = np.flatnonzero(nonfinite & applied)
+    return int(run.steps[hit[0]]) if hit.size else None
 
 
 def resolve_rules(rules: Sequence[Rule | str]) -> tuple[Rule, ...]:

@@ -55,6 +55,9 @@ class RuleContext:
             the median over layers of |g| / |w|; ``None`` without weight norms.
         hidden_kinds: the activation kinds seen on non-output layers so far.
         new_steps: steps observed since the previous check (``check_every`` apart).
+        weights_nonfinite_since: the first step in the window whose non-finite
+            gradients reached the optimizer (not skipped), or ``None``; from then on the
+            weights are NaN/Inf and statistics computed with them are unusable.
     """
 
     step: int
@@ -68,6 +71,7 @@ class RuleContext:
     initial_grad_to_weight: float | None
     hidden_kinds: frozenset[str]
     new_steps: int = 1
+    weights_nonfinite_since: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,10 @@ class Rule:
 
     id: ClassVar[str] = ""
     needs_activations: ClassVar[bool] = False
+    # Whether the rule's evidence means anything once NaN/Inf gradients have reached
+    # the weights: dead, saturated or vanishing units computed on NaN weights depend on
+    # what the CPU's kernels return for NaN (oneDNN's relu(NaN) is 0 on some machines).
+    needs_finite_weights: ClassVar[bool] = False
 
     window: int = 20
     persistence: int = 10

@@ -52,6 +52,7 @@ class DeadRelu(Rule):
 
     id = "dead_relu"
     needs_activations = True
+    needs_finite_weights = True
 
     dead_fraction: float = 0.5
     zero_grad_fraction: float = 0.7

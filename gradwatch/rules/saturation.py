@@ -46,6 +46,7 @@ class Saturation(Rule):
 
     id = "saturation"
     needs_activations = True
+    needs_finite_weights = True
 
     tail_fraction: float = 0.5
     min_samples: int = 3

@@ -59,6 +59,7 @@ class VanishingGradient(Rule):
     """
 
     id = "vanishing_gradient"
+    needs_finite_weights = True
 
     ratio_threshold: float = 1e-3
     first_norm_threshold: float = 1e-4
