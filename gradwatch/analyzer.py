@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from gradwatch.config import check_bool, check_callable, check_int
 from gradwatch.findings import SEVERITY_RANK, Finding
 from gradwatch.guard import Guard
 from gradwatch.history import FlowHistory, LayerTotals
@@ -37,6 +38,9 @@ RUN_METRICS = ("total_norm", "skipped", "nonfinite")
 # of them: an explosion can start at step 1, and a reference set too low only makes
 # advice conservative, while one set too high hides the explosion.
 _BASELINE_STEPS = 5
+# Rules judge the last few dozen steps (DEFAULT_RULES use 20); a window of 10**5 steps
+# already holds ~50 MB per 10 layers, and a typo such as 10**12 would try terabytes.
+MAX_WINDOW = 100_000
 
 
 def module_of(name: str) -> str:
@@ -90,10 +94,18 @@ class Analyzer:
         strict: bool = False,
         check_every: int = 1,
     ) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {window!r}")
-        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-            raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
+        check_int("window", window, 1)
+        if window > MAX_WINDOW:
+            raise ValueError(f"window must be at most {MAX_WINDOW} steps, got {window!r}")
+        check_int("history_bins", history_bins, 2)
+        if history_bins % 2 or history_bins > MAX_WINDOW:
+            raise ValueError(
+                f"history_bins must be an even integer from 2 to {MAX_WINDOW}, got {history_bins!r}"
+            )
+        check_int("check_every", check_every, 1)
+        check_callable("group_by", group_by)
+        check_callable("on_finding", on_finding, optional=True)
+        check_bool("strict", strict)
         rules = resolve_rules(rules)
         ids = [r.id for r in rules]
         for rule in rules:
@@ -463,6 +475,12 @@ def resolve_rules(rules: Sequence[Rule | str]) -> tuple[Rule, ...]:
     """
     if isinstance(rules, (str, Rule)):
         rules = [rules]
+    try:
+        rules = list(rules)
+    except TypeError:
+        raise ValueError(
+            f"rules must be a sequence of Rule instances or rule ids, got {rules!r}"
+        ) from None
     by_id = {r.id: r for r in DEFAULT_RULES}
     unknown = sorted(r for r in rules if isinstance(r, str) and r not in by_id)
     if unknown:

@@ -80,6 +80,13 @@ class Report:
     notes: tuple[str, ...] = ()
     schema_version: int = SCHEMA_VERSION
 
+    def __eq__(self, other: object) -> bool:
+        # Field by field, except that NaN equals NaN: a report holding a NaN (a layer
+        # that appeared late, a norm never positive) must equal its JSON round trip.
+        if not isinstance(other, Report):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
     @property
     def healthy(self) -> bool:
         """No finding of severity warning or error."""
@@ -110,44 +117,66 @@ class Report:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Report:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: for anything that is not a report of this schema, in one line.
+        """
+        if not isinstance(raw, dict):
+            raise ValueError(f"a report is a JSON object, got {type(raw).__name__}")
+        try:
+            return cls._from_checked_dict(raw)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"not a gradwatch report: {type(exc).__name__}: {exc}") from None
+
+    @classmethod
+    def _from_checked_dict(cls, raw: dict[str, Any]) -> Report:
         version = raw.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ValueError(
                 f"unsupported report schema_version {version!r}; expected {SCHEMA_VERSION}"
             )
         d = raw
+        _known_keys(d, _REPORT_KEYS, "report")
+        for f in d["findings"]:
+            _known_keys(f, _FINDING_KEYS, "finding")
+        _known_keys(d["flow"], _FLOW_KEYS, "flow")
         findings = tuple(
             Finding(
-                rule=f["rule"],
-                severity=f["severity"],
-                layers=tuple(f["layers"]),
-                first_step=int(f["first_step"]),
-                last_step=int(f["last_step"]),
-                message=f["message"],
+                rule=_str(f["rule"]),
+                severity=_str(f["severity"]),
+                layers=_strs(f["layers"]),
+                first_step=_int(f["first_step"]),
+                last_step=_int(f["last_step"]),
+                message=_str(f["message"]),
                 evidence={str(k): _num(v) for k, v in f["evidence"].items()},
-                fixes=tuple(Fix(x["id"], x["text"]) for x in f["fixes"]),
+                fixes=tuple(Fix(_str(x["id"]), _str(x["text"])) for x in f["fixes"]),
             )
             for f in d["findings"]
         )
         layers = tuple(
-            LayerSummary(**{k: v if k == "name" else _num(v) for k, v in ls.items()})
+            LayerSummary(**{k: _str(v) if k == "name" else _num(v) for k, v in ls.items()})  # type: ignore[arg-type]
             for ls in d["layers"]
         )
         fl = d["flow"]
+        n_cols = len(fl["layers"])
+        if len(fl["log10_norm"]) != len(fl["bin_steps"]) or any(
+            len(row) != n_cols for row in fl["log10_norm"]
+        ):
+            raise ValueError("not a gradwatch report: flow rows do not match bins and layers")
         flow = FlowHistory(
-            bin_steps=tuple(int(s) for s in fl["bin_steps"]),
-            layers=tuple(fl["layers"]),
+            bin_steps=tuple(_int(s) for s in fl["bin_steps"]),
+            layers=_strs(fl["layers"]),
             log10_norm=tuple(tuple(_num(v) for v in row) for row in fl["log10_norm"]),
         )
         return cls(
             findings=findings,
             layers=layers,
-            first_step=int(d["first_step"]),
-            last_step=int(d["last_step"]),
-            steps_observed=int(d["steps_observed"]),
+            first_step=_int(d["first_step"]),
+            last_step=_int(d["last_step"]),
+            steps_observed=_int(d["steps_observed"]),
             flow=flow,
-            notes=tuple(d["notes"]),
+            notes=_strs(d["notes"]),
             schema_version=int(d["schema_version"]),
         )
 
@@ -155,9 +184,13 @@ class Report:
     def from_json(cls, path_or_text: str | Path) -> Report:
         """Read a report written by :meth:`to_json`, from a path or from JSON text."""
         text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
+        if not text.lstrip().startswith(("{", "[")):
             text = Path(path_or_text).read_text(encoding="utf-8")
-        return cls.from_dict(json.loads(text))
+        try:
+            raw = json.loads(text)
+        except RecursionError:
+            raise ValueError("not a gradwatch report: JSON nested too deeply") from None
+        return cls.from_dict(raw)
 
     # --- rendering -------------------------------------------------------------------
 
@@ -199,9 +232,48 @@ def _encode(value: Any) -> Any:
     return value
 
 
+_REPORT_KEYS = frozenset(
+    ("findings", "layers", "first_step", "last_step", "steps_observed", "flow", "notes")
+) | {"schema_version"}
+_FINDING_KEYS = frozenset(
+    ("rule", "severity", "layers", "first_step", "last_step", "message", "evidence", "fixes")
+)
+_FLOW_KEYS = frozenset(("bin_steps", "layers", "log10_norm"))
+
+
+def _known_keys(value: Any, known: frozenset[str], what: str) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"not a gradwatch report: a {what} is an object, got {value!r}")
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"not a gradwatch report: unknown {what} keys {unknown}")
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"not a gradwatch report: {value!r} where a string belongs")
+    return value
+
+
+def _strs(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"not a gradwatch report: {value!r} where a list of strings belongs")
+    return tuple(_str(v) for v in value)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"not a gradwatch report: {value!r} where an integer belongs")
+    return value
+
+
 def _num(value: Any) -> Any:
     """A number from :meth:`Report.to_dict`: ints stay ints, the non-finite strings
     become floats."""
     if isinstance(value, str):
+        if value not in _NONFINITE:
+            raise ValueError(f"not a gradwatch report: {value!r} where a number belongs")
         return _NONFINITE[value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"not a gradwatch report: {value!r} where a number belongs")
     return value

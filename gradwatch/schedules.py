@@ -32,8 +32,14 @@ class every:
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"every(k=...) must be an integer >= 1, got {self.k!r}")
-        if isinstance(self.dense_until, bool) or not isinstance(self.dense_until, int):
-            raise ValueError(f"every(dense_until=...) must be an integer, got {self.dense_until!r}")
+        if (
+            isinstance(self.dense_until, bool)
+            or not isinstance(self.dense_until, int)
+            or self.dense_until < 0
+        ):
+            raise ValueError(
+                f"every(dense_until=...) must be an integer >= 0, got {self.dense_until!r}"
+            )
 
     def __call__(self, step: int) -> bool:
         return step < self.dense_until or step % self.k == 0

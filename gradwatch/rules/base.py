@@ -100,8 +100,13 @@ class Rule:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            numeric = str(f.type) in ("int", "float")
+            if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise TypeError(f"{type(self).__name__}.{f.name} must be a number, got {value!r}")
+            if not numeric:
                 continue
+            if str(f.type) == "int" and not isinstance(value, int):
+                raise TypeError(f"{type(self).__name__}.{f.name} must be an integer, got {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(
                     f"{type(self).__name__}.{f.name} must be a finite number >= 0, got {value!r}"
