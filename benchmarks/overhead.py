@@ -187,13 +187,14 @@ def torch_rows(*, quick: bool = False, cnn: bool = True) -> list[str]:
     return tables
 
 
-# TorchWatch entry points that run in the training loop; their time is gradwatch's.
+# The torch adapter's entry points that run in the training loop (its step clock and
+# activation capture, by class name); their time is gradwatch's.
 _ENTRY_POINTS = (
-    "_begin_backward",
-    "_end_backward",
-    "_end_step",
-    "_on_activation",
-    "_on_root_output",
+    ("StepClock", "_begin_backward"),
+    ("StepClock", "_end_backward"),
+    ("StepClock", "_end_step"),
+    ("ActivationCapture", "_on_activation"),
+    ("ActivationCapture", "_on_root_output"),
 )
 
 
@@ -203,10 +204,12 @@ def instrumented_cost(
     """Seconds per step spent inside gradwatch's hooks (flushes and analysis included),
     timed around each entry point. On CPU the device work is synchronous, so this is
     gradwatch's whole cost, free of the model-to-model noise of end-to-end timings."""
-    from gradwatch.adapters.torch import TorchWatch
+    from gradwatch.adapters.torch.activations import ActivationCapture
+    from gradwatch.adapters.torch.clock import StepClock
 
     spent = [0.0]
-    originals = {name: getattr(TorchWatch, name) for name in _ENTRY_POINTS}
+    owners = {"StepClock": StepClock, "ActivationCapture": ActivationCapture}
+    originals = {(cls, name): getattr(owners[cls], name) for cls, name in _ENTRY_POINTS}
 
     def timed(fn: Callable[..., object]) -> Callable[..., object]:
         def wrapper(*args: object, **kwargs: object) -> object:
@@ -218,8 +221,8 @@ def instrumented_cost(
 
         return wrapper
 
-    for name, fn in originals.items():
-        setattr(TorchWatch, name, timed(fn))
+    for (cls, name), fn in originals.items():
+        setattr(owners[cls], name, timed(fn))
     try:
         with _quiet():
             step = _make_step(model_fn, x, y, setup)
@@ -229,8 +232,8 @@ def instrumented_cost(
             for _ in range(steps):
                 step()
     finally:
-        for name, fn in originals.items():
-            setattr(TorchWatch, name, fn)
+        for (cls, name), fn in originals.items():
+            setattr(owners[cls], name, fn)
     return spent[0] / steps
 
 

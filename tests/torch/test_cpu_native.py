@@ -15,8 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gradwatch.adapters import cpu_native  # noqa: E402
-from gradwatch.adapters.torch_reductions import grad_stats_on_device  # noqa: E402
+from gradwatch.adapters.torch import native as cpu_native  # noqa: E402
+from gradwatch.adapters.torch.reductions import grad_stats_on_device  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_helpers import mlp  # noqa: E402
 

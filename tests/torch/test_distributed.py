@@ -85,12 +85,12 @@ def _worker(
 ) -> None:
     torch.set_num_threads(1)
     if rank == fail_rank:  # an internal error on this rank only, at its first flush
-        from gradwatch.adapters.torch import TorchWatch
+        from gradwatch.adapters.torch.flush import PendingSteps
 
         def broken(*args: object) -> None:
             raise RuntimeError("injected failure")
 
-        TorchWatch._to_step_stats = broken  # type: ignore[method-assign]
+        PendingSteps._to_step_stats = broken  # type: ignore[method-assign]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         model = _wrapped(wrapper)
@@ -160,8 +160,8 @@ def test_fsdp_rank_that_stops_monitoring_does_not_stall_the_others() -> None:
 def test_sharded_layouts_gradwatch_cannot_combine_are_left_out() -> None:
     """A Partial placement (a pending sum) has no per-shard statistics to add up: such
     gradients are grouped out (and noted in the report), never reported per shard."""
-    from gradwatch.adapters.torch import _group_params
-    from gradwatch.adapters.torch_sharded import local_values, sharding_of
+    from gradwatch.adapters.torch.grads import group_params as _group_params
+    from gradwatch.adapters.torch.sharded import local_values, sharding_of
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, init_device_mesh
 
     dist.init_process_group(

@@ -11,7 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gradwatch.adapters.torch import _LIVE_WATCHES, TorchWatch  # noqa: E402
+from gradwatch.adapters.torch import _LIVE_WATCHES  # noqa: E402
+from gradwatch.adapters.torch.grads import GradReducer  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_helpers import EVERY_STEP, he_relu_mlp, mlp, record_stats  # noqa: E402
 
@@ -185,10 +186,10 @@ def test_internal_error_warns_once_switches_off_and_training_continues(
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gw = gradwatch.watch(model, opt, grad_schedule=EVERY_STEP, on_finding="ignore", show=False)
 
-    def boom(self: TorchWatch, pending: object) -> None:
+    def boom(self: GradReducer, pending: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(TorchWatch, "_reduce_grads", boom)
+    monkeypatch.setattr(GradReducer, "reduce_grads", boom)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _train(model, opt, 5)
@@ -205,10 +206,10 @@ def test_strict_reraises_internal_errors(monkeypatch: pytest.MonkeyPatch) -> Non
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gw = gradwatch.watch(model, opt, grad_schedule=EVERY_STEP, strict=True, show=False)
 
-    def boom(self: TorchWatch, pending: object) -> None:
+    def boom(self: GradReducer, pending: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(TorchWatch, "_reduce_grads", boom)
+    monkeypatch.setattr(GradReducer, "reduce_grads", boom)
     with pytest.raises(RuntimeError, match="boom"):
         _train(model, opt, 1)
     monkeypatch.undo()

@@ -1,6 +1,6 @@
 """Fused device statistics against the core's naive per-parameter numpy reference.
 
-Every test here runs twice: with the one-pass C kernels (``cpu_native``) and with the
+Every test here runs twice: with the one-pass C kernels (``native``) and with the
 torch ops they replace."""
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gradwatch.adapters import torch_reductions  # noqa: E402
-from gradwatch.adapters.cpu_native import cpu_kernels  # noqa: E402
 from gradwatch.adapters.torch import (  # noqa: E402
     activation_stats_on_device,
     grad_stats_on_device,
+    scratch,
     strip_wrapper_prefixes,
     unit_axis_of,
 )
+from gradwatch.adapters.torch import reductions as torch_reductions  # noqa: E402
+from gradwatch.adapters.torch.native import cpu_kernels  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_helpers import EVERY_STEP, mlp, record_stats  # noqa: E402
 
@@ -218,10 +219,10 @@ def test_large_gradients_reduced_in_slices_match_numpy_reference(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Slices of 7 rows (and one whole oversized row) instead of one pass per tensor.
-    from gradwatch.adapters import torch_reductions
+    from gradwatch.adapters.torch import reductions as torch_reductions
 
     monkeypatch.setattr(torch_reductions, "SMALL_GRAD_NUMEL", 4)
-    monkeypatch.setattr(torch_reductions, "CHUNK_NUMEL", 64)
+    monkeypatch.setattr(scratch, "CHUNK_NUMEL", 64)
     gen = torch.Generator().manual_seed(4)
     grads = [
         torch.randn(50, 9, generator=gen),
@@ -240,7 +241,7 @@ def test_large_gradients_reduced_in_slices_match_numpy_reference(
 
 
 def test_small_and_large_gradients_in_one_group_keep_their_order() -> None:
-    from gradwatch.adapters.torch_reductions import SMALL_GRAD_NUMEL
+    from gradwatch.adapters.torch.reductions import SMALL_GRAD_NUMEL
 
     gen = torch.Generator().manual_seed(5)
     big = SMALL_GRAD_NUMEL + 1
@@ -251,7 +252,7 @@ def test_small_and_large_gradients_in_one_group_keep_their_order() -> None:
 
 
 def test_half_precision_gradients_accumulate_in_float32() -> None:
-    from gradwatch.adapters.torch_reductions import SMALL_GRAD_NUMEL
+    from gradwatch.adapters.torch.reductions import SMALL_GRAD_NUMEL
 
     g = torch.full((SMALL_GRAD_NUMEL * 2,), 0.5, dtype=torch.bfloat16)
     g[:100] = 0.0
@@ -286,11 +287,11 @@ def test_activation_stats_with_nan_and_slices_match_numpy_reference(
 ) -> None:
     # NaN outputs are neither inactive nor in a tail; values exactly on a hard bound
     # are in it. "sliced": the large-output path, in slices of 3 rows.
-    from gradwatch.adapters import torch_reductions
+    from gradwatch.adapters.torch import reductions as torch_reductions
 
     if path == "sliced":
         monkeypatch.setattr(torch_reductions, "SMALL_ACTIVATION_NUMEL", 0)
-        monkeypatch.setattr(torch_reductions, "CHUNK_NUMEL", 3 * 6)
+        monkeypatch.setattr(scratch, "CHUNK_NUMEL", 3 * 6)
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(10, 6, generator=gen) * 4
     y = {

@@ -2,7 +2,7 @@
 computed where the tensors live, with nothing copied to the host.
 
 The cost of a sampled step is memory traffic, so each tensor is read from memory once.
-On CPU, float32 tensors go through the one-pass C kernels of :mod:`cpu_native` when a
+On CPU, float32 tensors go through the one-pass C kernels of :mod:`.native` when a
 C compiler is there. Everywhere else each further statistic runs on the tensor while it
 is still in cache: ``|g|`` goes into a reused scratch buffer, then its sum, its max,
 and (through ``sign``) its count of non-zero entries are taken in turn. Comparisons
@@ -20,17 +20,25 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-from gradwatch.adapters.cpu_native import CpuKernels, cpu_kernels, eligible
+from gradwatch.adapters.torch.native import CpuKernels, cpu_kernels, eligible
+from gradwatch.adapters.torch.scratch import (
+    combine,
+    scratch_like,
+    scratch_view,
+    slices,
+)
 
 from gradwatch.activations import CAN_DIE, CAN_SATURATE, SQUASHING
+from gradwatch.rows import ACT_ROWS, GRAD_ROW_FIELDS
 
-# Rows of grad_stats_on_device's result and of an activation's fractions.
-GRAD_ROWS = 6
-ACT_ROWS = 3
+# Rows of grad_stats_on_device's result: the core's GRAD_ROW_FIELDS but the entry
+# count, which the host knows from the layout (gradwatch.rows builds the StepStats).
+DEVICE_GRAD_ROW_FIELDS = tuple(f for f in GRAD_ROW_FIELDS if f != "numel")
+GRAD_ROWS = len(DEVICE_GRAD_ROW_FIELDS)
 
 # At or below this many entries a gradient is launch-bound, not bandwidth-bound:
 # groups of such tensors are reduced together in one flat pass (cat + index_add)
@@ -43,10 +51,6 @@ _FLAT_MIN_TENSORS = 4
 # float ops (benchmarks/scaling.py, width-32 layers); above it, count_nonzero's
 # branches mispredict and the float ops win (~6x on a 128x512 ReLU output here).
 SMALL_ACTIVATION_NUMEL = 16_384
-# Larger tensors are reduced in slices of at most this many entries (4 MB of float32):
-# each slice stays in cache across its statistics, and the scratch buffer stays small
-# even for a 50M-entry embedding gradient or a large convolution output.
-CHUNK_NUMEL = 1 << 20
 
 
 def grad_stats_on_device(
@@ -60,7 +64,7 @@ def grad_stats_on_device(
     Nothing is copied to the host.
 
     Dense contiguous float32 CPU tensors take the one-pass C kernels of
-    :mod:`cpu_native` when they can be built (exact non-finite counts). Otherwise two
+    :mod:`.native` when they can be built (exact non-finite counts). Otherwise two
     torch paths, with the same results on finite gradients. Small tensors (at most
     :data:`SMALL_GRAD_NUMEL` entries, when there are a few of them) are concatenated
     and reduced in one flat pass, whose non-finite row is an exact count. Larger ones
@@ -140,16 +144,16 @@ def _abs_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     accumulate = None if grads[0].dtype == torch.float32 else torch.float32
     for g in grads:
         part_squares, part_sums, part_maxes, part_counts = [], [], [], []
-        for piece in _slices(g):  # one slice at a time: they share the scratch buffer
-            a = torch.abs(piece, out=_scratch_like(piece))
+        for piece in slices(g):  # one slice at a time: they share the scratch buffer
+            a = torch.abs(piece, out=scratch_like(piece))
             part_squares.append(_sum_of_squares(a))
             part_sums.append(a.sum(dtype=accumulate))
             part_maxes.append(a.amax())
             part_counts.append(a.sign_().sum(dtype=accumulate))
-        squares.append(_combine(part_squares, torch.sum))
-        sums.append(_combine(part_sums, torch.sum))
-        maxes.append(_combine(part_maxes, torch.amax))
-        counts.append(_combine(part_counts, torch.sum))
+        squares.append(combine(part_squares, torch.sum))
+        sums.append(combine(part_sums, torch.sum))
+        maxes.append(combine(part_maxes, torch.amax))
+        counts.append(combine(part_counts, torch.sum))
     max_abs = torch.stack(maxes).float()
     # max |g| cannot overflow, so it is non-finite exactly when an entry is.
     nonfinite = (~torch.isfinite(max_abs)).float()
@@ -167,49 +171,11 @@ def _abs_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
 def _sum_of_squares(a: torch.Tensor) -> torch.Tensor:
     """``sum(a**2)`` of a scratch view: one BLAS dot for float32, else accumulated in
     float32."""
-    flat = _scratch_view((a.numel(),), a.dtype, a.device)
+    flat = scratch_view((a.numel(),), a.dtype, a.device)
     if a.dtype == torch.float32:
         return torch.dot(flat, flat)
     squares: torch.Tensor = torch.linalg.vector_norm(flat, dtype=torch.float32).square()
     return squares
-
-
-def _scratch_like(piece: torch.Tensor) -> torch.Tensor:
-    """A contiguous view of the shared scratch buffer shaped like ``piece``."""
-    return _scratch_view(piece.shape, piece.dtype, piece.device)
-
-
-def _scratch_view(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A contiguous ``shape`` view of the scratch buffer's first entries. Views are
-    cached: slicing and viewing cost ~10 us of Python per call, as much as the
-    reduction of a 64K-entry activation."""
-    key = (tuple(shape), dtype, device)
-    view = _SCRATCH_VIEWS.get(key)
-    if view is None:
-        if len(_SCRATCH_VIEWS) >= _MAX_SCRATCH_VIEWS:  # e.g. varying sequence lengths
-            _SCRATCH_VIEWS.clear()
-        n = math.prod(shape)
-        view = _scratch(n, dtype, device)[:n].view(shape)
-        _SCRATCH_VIEWS[key] = view
-    return view
-
-
-def _combine(values: list[torch.Tensor], reduce: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """One 0-d result from the per-slice results (no op for a single slice)."""
-    return values[0] if len(values) == 1 else reduce(torch.stack(values))
-
-
-def _slices(t: torch.Tensor) -> Iterator[torch.Tensor]:
-    """``t`` as views of at most :data:`CHUNK_NUMEL` entries, split along dim 0 (any
-    strides; a single row larger than that stays whole)."""
-    if t.dim() == 0:
-        yield t.reshape(1)
-        return
-    if t.numel() <= CHUNK_NUMEL or t.shape[0] <= 1:
-        yield t
-        return
-    rows = max(1, CHUNK_NUMEL // max(1, t[0].numel()))
-    yield from torch.split(t, rows)
 
 
 def _flat_grad_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -224,23 +190,6 @@ def _flat_grad_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         0, segment, a, "amax", include_self=True
     )
     return torch.stack([sums[0].sqrt(), max_abs, sums[1], sums[2], sums[3]])
-
-
-_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-_SCRATCH_VIEWS: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
-_MAX_SCRATCH_VIEWS = 256
-
-
-def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reusable 1-D buffer of at least ``numel`` entries (one per dtype and device).
-    Reuse is safe on a device: kernels on one stream run in issue order."""
-    key = (dtype, device)
-    buffer = _SCRATCH.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=dtype, device=device)
-        _SCRATCH[key] = buffer
-        _SCRATCH_VIEWS.clear()  # views of the old buffer would keep it alive
-    return buffer
 
 
 @functools.lru_cache(maxsize=32)
@@ -322,8 +271,8 @@ def _active_per_unit(y: torch.Tensor, unit_axis: int) -> torch.Tensor:
     if y.numel() <= SMALL_ACTIVATION_NUMEL:
         return torch.count_nonzero(y, dim=dims)  # one launch; NaN is non-zero
     counts = [
-        _active_into(piece, _scratch_like(piece)).sum(dim=dims, dtype=torch.float32)
-        for piece in _slices(y)
+        _active_into(piece, scratch_like(piece)).sum(dim=dims, dtype=torch.float32)
+        for piece in slices(y)
     ]
     return counts[0] if len(counts) == 1 else torch.stack(counts).sum(dim=0)
 
@@ -331,10 +280,10 @@ def _active_per_unit(y: torch.Tensor, unit_axis: int) -> torch.Tensor:
 def _count_positive(y: torch.Tensor) -> torch.Tensor:
     """The count of active entries of any output (see :func:`_active_into`)."""
     counts = [
-        _active_into(piece, _scratch_like(piece)).clamp_(min=0).sum(dtype=torch.float32)
-        for piece in _slices(y)
+        _active_into(piece, scratch_like(piece)).clamp_(min=0).sum(dtype=torch.float32)
+        for piece in slices(y)
     ]
-    return _combine(counts, torch.sum)
+    return combine(counts, torch.sum)
 
 
 def _active_into(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -353,8 +302,8 @@ def _count_in_tails(y: torch.Tensor, bounds: tuple[float, float]) -> torch.Tenso
     plateau) counts."""
     lo, hi = bounds
     counts = []
-    for piece in _slices(y):
-        out = _scratch_like(piece)
+    for piece in slices(y):
+        out = scratch_like(piece)
         if math.isinf(lo):
             distance, half = torch.sub(piece, 0.0, out=out), hi
         else:
@@ -364,7 +313,7 @@ def _count_in_tails(y: torch.Tensor, bounds: tuple[float, float]) -> torch.Tenso
         # sign is 1 in a tail; NaN (0 on CPU, NaN elsewhere) is in no tail.
         in_tail = distance.sub_(below).sign_().nan_to_num_(nan=0.0).clamp_(min=0)
         counts.append(in_tail.sum(dtype=torch.float32))
-    return _combine(counts, torch.sum)
+    return combine(counts, torch.sum)
 
 
 @functools.lru_cache(maxsize=64)
@@ -413,7 +362,7 @@ def activation_stats_on_device(
 
 __all__ = [
     "ACT_ROWS",
-    "CHUNK_NUMEL",
+    "DEVICE_GRAD_ROW_FIELDS",
     "GRAD_ROWS",
     "SMALL_ACTIVATION_NUMEL",
     "SMALL_GRAD_NUMEL",

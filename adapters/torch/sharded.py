@@ -12,7 +12,7 @@ so in the report.
 Every rank runs the same steps and so issues the same collectives in the same order,
 at the optimizer step, on the mesh's own process group, as FSDP does. A rank whose
 monitoring an internal error switched off still joins them, on zeros
-(``TorchWatch._join_collectives``), so the other ranks never wait for it.
+(``GradReducer.join_collectives`` in :mod:`.grads`), so the other ranks never wait for it.
 
 Example:
     >>> import torch
@@ -78,7 +78,7 @@ def local_values(t: torch.Tensor) -> torch.Tensor:
 
 
 def combine_grad_stats(stats: torch.Tensor, group: Any) -> torch.Tensor:
-    """Rows of :func:`torch_reductions.grad_stats_on_device` over the shards of
+    """Rows of :func:`.reductions.grad_stats_on_device` over the shards of
     ``group``: squares (norm and parameter norm rows), sums and counts add up, the max
     is the largest."""
     import torch.distributed as dist

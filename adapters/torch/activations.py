@@ -1,0 +1,226 @@
+"""Activation capture of the PyTorch adapter: :class:`ActivationCapture`.
+
+It owns the activation sites (activation modules, and functional activations that
+modules call through an attribute such as ``nn.TransformerEncoderLayer.activation``),
+the forward hooks and functional probes, which live only while a step is sampled, and
+the device reductions of the outputs seen at the current step.
+
+Example:
+    >>> import torch
+    >>> from gradwatch.guard import Guard
+    >>> from gradwatch.schedules import every
+    >>> capture = ActivationCapture(HookGate(Guard("demo"), lambda: True), every(1))
+    >>> capture.find_sites(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()), print)
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from gradwatch.adapters.torch.flush import PendingStep
+from gradwatch.adapters.torch.gate import HookGate
+from gradwatch.adapters.torch.reductions import activation_reductions_on_device, unit_axis_of
+from gradwatch.adapters.torch.wrappers import strip_wrapper_prefixes
+from torch import nn
+
+from gradwatch.activations import kind_from_name, tail_bounds
+from gradwatch.schedules import Schedule
+
+# Activation classes whose output is not in the activation's own range (log-probabilities).
+_NOT_OBSERVED = frozenset({"LogSoftmax", "LogSigmoid", "Softmin"})
+# Instance attributes through which modules call a functional activation
+# (nn.TransformerEncoderLayer.activation is F.relu by default).
+_FUNCTIONAL_ATTRS = ("activation", "act", "act_fn", "activation_fn")
+
+
+@dataclass(frozen=True)
+class _ActivationSite:
+    name: str
+    kind: str
+    bounds: tuple[float, float]
+
+
+class _FunctionalProbe:
+    """Stands in for a functional activation attribute (``layer.activation = F.relu``)
+    while watched; calls the original and reports its output. Pickles as the original."""
+
+    def __init__(self, fn: Callable[..., Any], report: Callable[[Any], None]) -> None:
+        self.fn = fn
+        self.report = report
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.fn(*args, **kwargs)
+        self.report(out)
+        return out
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_identity, (self.fn,))
+
+
+def _identity(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return fn
+
+
+class ActivationCapture:
+    """Captures activation outputs on the steps ``schedule`` samples.
+
+    Args:
+        gate: runs the hooks only while monitoring is on, inside its guard.
+        schedule: ``step -> bool``, the steps whose activations are captured.
+    """
+
+    def __init__(self, gate: HookGate, schedule: Schedule) -> None:
+        self.active = False  # sites were found and capture is wanted
+        self._gate = gate
+        self._schedule = schedule
+        self._sampling = False
+        self._root_ref: weakref.ref[nn.Module] | None = None
+        # Sites (found once), and the hooks and probes live while a step is sampled.
+        self._module_sites: list[tuple[weakref.ref[nn.Module], _ActivationSite]] = []
+        self._functional_sites: list[
+            tuple[weakref.ref[nn.Module], str, Callable[..., Any], _ActivationSite]
+        ] = []
+        self._handles: list[Any] = []
+        self._probes: list[tuple[nn.Module, str, Callable[..., Any]]] = []
+        # This step's reductions by name, the forward calls per site (a site called twice
+        # in one forward pass is two activations), and the site that made the model output.
+        self._step_acts: dict[str, tuple[str, int, list[torch.Tensor]]] = {}
+        self._fwd_calls: dict[str, int] = {}
+        self._fwd_last: tuple[int, str] | None = None
+        self._output_names: set[str] = set()
+
+    def find_sites(self, root: nn.Module, note: Callable[[str], None]) -> bool:
+        """Find the activation sites under ``root`` (once); ``note`` says if none is."""
+        for raw_name, module in root.named_modules():
+            name = strip_wrapper_prefixes(raw_name) or type(module).__name__.lower()
+            cls = type(module).__name__
+            kind = kind_from_name(cls)
+            if kind != "other" and cls not in _NOT_OBSERVED and not any(module.children()):
+                site = _ActivationSite(name, kind, tail_bounds(kind))
+                self._module_sites.append((weakref.ref(module), site))
+            for attr in _FUNCTIONAL_ATTRS:
+                fn = module.__dict__.get(attr)
+                if fn is None or isinstance(fn, nn.Module) or not callable(fn):
+                    continue
+                fn_kind = kind_from_name(getattr(fn, "__name__", ""))
+                if fn_kind == "other" or isinstance(fn, _FunctionalProbe):
+                    continue
+                site = _ActivationSite(f"{name}.{attr}", fn_kind, tail_bounds(fn_kind))
+                self._functional_sites.append((weakref.ref(module), attr, fn, site))
+        if not self._module_sites and not self._functional_sites:
+            note(
+                "No activation modules found (functional calls such as F.relu inside "
+                "forward() are invisible without tracing); dead_relu falls back to "
+                "gradient zeros and saturation is not checked."
+            )
+            return False
+        self._root_ref = weakref.ref(root)
+        self.active = True
+        return True
+
+    def begin_step(self, step: int) -> None:
+        """Attach the hooks if ``step`` is sampled, else detach them."""
+        self._set_sampling(self.active and bool(self._schedule(step)))
+
+    def drain_into(self, pending: PendingStep) -> None:
+        """Move this step's activation reductions into ``pending``."""
+        for name, (kind, numel, parts) in self._step_acts.items():
+            pending.act_names.append(name)
+            pending.act_kinds.append(kind)
+            pending.act_numel.append(numel)
+            pending.act_parts.append(parts)
+        self._step_acts = {}
+
+    def is_output(self, name: str) -> bool:
+        """Whether the activation ``name`` made the model's output."""
+        return name in self._output_names
+
+    def close(self) -> None:
+        """Remove the hooks, restore functional activations and forget the sites."""
+        self._set_sampling(False)
+        self.active = False
+        self._module_sites.clear()
+        self._functional_sites.clear()
+        self._step_acts.clear()
+
+    def _set_sampling(self, sampling: bool) -> None:
+        """Attach the activation hooks for a sampled step and detach them after it, so
+        steps that are not sampled run the model with no gradwatch code in its
+        forward pass (a forward hook costs ~10 us per module call even when idle)."""
+        if sampling == self._sampling:
+            return
+        self._sampling = sampling
+        if not sampling:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            for module, attr, original in self._probes:
+                module.__dict__[attr] = original
+            self._probes.clear()
+            return
+        root = self._root_ref() if self._root_ref is not None else None
+        if root is None:
+            return
+        gate = self._gate
+        for module_ref, site in self._module_sites:
+            module = module_ref()
+            if module is not None:
+                hook = gate.hook(functools.partial(self._on_module_output, site))
+                self._handles.append(module.register_forward_hook(hook))
+        for module_ref, attr, fn, site in self._functional_sites:
+            module = module_ref()
+            if module is not None and module.__dict__.get(attr) is fn:
+                report = gate.hook(functools.partial(self._on_activation, site, True))
+                module.__dict__[attr] = _FunctionalProbe(fn, report)
+                self._probes.append((module, attr, fn))
+        pre_hook = gate.hook(self._on_root_forward_pre, guarded=False)
+        self._handles.append(root.register_forward_pre_hook(pre_hook))
+        self._handles.append(root.register_forward_hook(gate.hook(self._on_root_output)))
+
+    # --- hook bodies: the hooks live only while a step is sampled, so they need no
+    # schedule check; _on_activation keeps one for a functional probe that a model kept
+    # a reference to after it was removed.
+
+    def _on_root_forward_pre(self, module: nn.Module, args: Any) -> None:
+        self._fwd_calls.clear()
+        self._fwd_last = None
+
+    def _on_module_output(
+        self, site: _ActivationSite, module: nn.Module, args: Any, output: Any
+    ) -> None:
+        self._on_activation(site, module.training, output)
+
+    def _on_activation(self, site: _ActivationSite, module_training: bool, output: Any) -> None:
+        if not (self._sampling and module_training and torch.is_grad_enabled()):
+            return
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return
+        if output.numel() == 0:
+            return
+        calls = self._fwd_calls.get(site.name, 0)
+        self._fwd_calls[site.name] = calls + 1
+        name = site.name if calls == 0 else f"{site.name}#{calls}"
+        self._fwd_last = (id(output), name)
+        if name in self._step_acts:
+            return  # a later micro-batch of an accumulated step: the first one is the sample
+        parts = activation_reductions_on_device(
+            output, site.kind, unit_axis_of(output), site.bounds
+        )
+        self._step_acts[name] = (site.kind, output.numel(), parts)
+
+    def _on_root_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        last = self._fwd_last
+        if last is None:
+            return
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        if any(isinstance(o, torch.Tensor) and id(o) == last[0] for o in outputs):
+            self._output_names.add(last[1])
+
+
+__all__ = ["ActivationCapture"]

@@ -1,0 +1,210 @@
+"""Gradient reduction of the PyTorch adapter: :class:`GradReducer`.
+
+It owns the watched parameters and their layer names, the grouping of their gradients
+for fused reductions (one device and dtype, and for sharded gradients one process
+group), and the cached column layout of a step's statistics. Nothing here syncs with
+the host.
+
+Example:
+    >>> import torch
+    >>> from gradwatch.adapters.torch.flush import PendingStep
+    >>> w = torch.nn.Parameter(torch.ones(3))
+    >>> w.grad = torch.tensor([3.0, -4.0, 0.0])
+    >>> reducer, pending = GradReducer([("w", w)], note=print), PendingStep(step=0)
+    >>> reducer.reduce_grads(pending)
+    >>> pending.grad_parts[0][:5, 0].tolist()
+    [5.0, 4.0, 7.0, 2.0, 0.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from gradwatch.adapters.torch.flush import GradLayout, PendingStep
+from gradwatch.adapters.torch.reductions import (
+    GRAD_ROWS,
+    grad_stats_on_device,
+    squared_norms_on_device,
+)
+from gradwatch.adapters.torch.sharded import (
+    combine_grad_stats,
+    combine_sum,
+    local_values,
+    sharding_of,
+)
+
+
+@dataclass
+class _GradGroup:
+    """Parameters whose gradients are reduced together (one device and dtype, and for
+    sharded gradients one process group to combine the shards over)."""
+
+    indices: list[int]
+    device: torch.device
+    shard_group: Any = None
+
+
+class GradReducer:
+    """Reduces the watched parameters' gradients on their devices.
+
+    Args:
+        named_params: ``(layer name, parameter)`` pairs in model order.
+        note: adds a coverage note to the report.
+    """
+
+    def __init__(
+        self, named_params: Sequence[tuple[str, torch.Tensor]], note: Callable[[str], None]
+    ) -> None:
+        self.names = [n for n, _ in named_params]
+        self.params: list[torch.Tensor] = [p for _, p in named_params]
+        self._note = note
+        self._samples = 0  # steps reduced per layer so far
+        self._groups_key: tuple[tuple[Any, ...], ...] | None = None
+        self._groups: list[_GradGroup] = []
+        self._layouts: dict[tuple[int, ...], GradLayout] = {}
+
+    @property
+    def sharded(self) -> bool:
+        """Whether some gradients are combined across ranks (so every rank must join)."""
+        return any(g.shard_group is not None for g in self._groups)
+
+    def reduce_grads(self, pending: PendingStep) -> None:
+        """Per-layer statistics of the present gradients, into ``pending``."""
+        params = self.params
+        grads = self._live_grads()
+        if not grads:
+            return
+        # Weights move slowly: their norms on every 5th sample (and the first 5) are
+        # enough for the rules' window medians, at a fifth of the cost.
+        with_weights = self._samples < 5 or self._samples % 5 == 0
+        self._samples += 1
+        for group in self._groups:
+            tensors = [_dense_values(grads[i]) for i in group.indices]
+            pending.grad_indices.extend(group.indices)
+            weights = (
+                [local_values(params[i].detach()) for i in group.indices] if with_weights else None
+            )
+            stats = grad_stats_on_device(tensors, weights)
+            if group.shard_group is not None:
+                stats = combine_grad_stats(stats, group.shard_group)
+            pending.grad_parts.append(stats)
+        for i, g in grads.items():
+            if g.is_sparse:
+                pending.sparse_numel[i] = g.numel()
+
+    def reduce_total_norm(self, pending: PendingStep) -> None:
+        """One fused norm per device group: the total norm of a step not sampled per
+        layer, so growth, spikes and NaN between samples are still seen."""
+        grads = self._live_grads()
+        if not grads:
+            return
+        with torch.no_grad():
+            for group in self._groups:
+                tensors = [_dense_values(grads[i]) for i in group.indices]
+                squares = squared_norms_on_device(tensors).sum()
+                if group.shard_group is not None:
+                    squares = combine_sum(squares, group.shard_group)
+                pending.total_parts.append(squares)
+
+    def join_collectives(self, per_layer: bool) -> None:
+        """The all_reduces of one step's reductions, on zeros: what a healthy watch on
+        another rank issues at this step (:meth:`reduce_grads` when ``per_layer``, else
+        :meth:`reduce_total_norm`), in the same order and shapes."""
+        for group in self._groups:
+            if group.shard_group is None:
+                continue
+            if per_layer:
+                zeros = torch.zeros(GRAD_ROWS, len(group.indices), device=group.device)
+                combine_grad_stats(zeros, group.shard_group)
+            else:
+                combine_sum(torch.zeros((), device=group.device), group.shard_group)
+
+    def layout(self, record: PendingStep) -> GradLayout:
+        """Column order (model order), layer names and entry counts of a record's
+        gradients; cached per layout, since it is the same on almost every step."""
+        key = tuple(record.grad_indices)
+        cached = None if record.sparse_numel else self._layouts.get(key)
+        if cached is not None:
+            return cached
+        order = np.argsort(record.grad_indices, kind="stable")
+        indices = [record.grad_indices[j] for j in order]
+        layout = (
+            order,
+            tuple(self.names[i] for i in indices),
+            np.array(
+                [record.sparse_numel.get(i, self._param_numel(i)) for i in indices],
+                dtype=np.float64,
+            ),
+        )
+        if not record.sparse_numel:  # nnz of a sparse gradient changes every step
+            self._layouts[key] = layout
+        return layout
+
+    def close(self) -> None:
+        """Let go of the parameters."""
+        self.params = []
+        self._groups = []
+
+    def _param_numel(self, index: int) -> int:
+        return int(self.params[index].numel()) if index < len(self.params) else 0
+
+    def _live_grads(self) -> dict[int, torch.Tensor]:
+        """Present gradients by parameter index; regroups when their layout changes."""
+        live = [
+            (i, p.grad)
+            for i, p in enumerate(self.params)
+            if p.requires_grad and p.grad is not None and p.grad.numel() > 0
+        ]
+        key = tuple((i, g.device, g.dtype, g.is_sparse) for i, g in live if g is not None)
+        if live and key != self._groups_key:
+            self._groups, left_out = group_params(live)
+            self._groups_key = key
+            if left_out:
+                self._note(
+                    "Left out of the statistics: sharded gradients whose layout gradwatch "
+                    "cannot combine across ranks (Partial placements or several sharded "
+                    f"mesh dimensions): {', '.join(self.names[i] for i in left_out)}."
+                )
+        return {i: g for i, g in live if g is not None}
+
+
+def _dense_values(grad: torch.Tensor | None) -> torch.Tensor:
+    """A sparse gradient's stored values (its other entries are zeros), a sharded one's
+    local shard, else the gradient."""
+    assert grad is not None
+    if not grad.is_sparse:
+        return local_values(grad)
+    values = grad.coalesce().values()
+    # an all-zero sparse gradient stores nothing; one explicit zero has the same statistics
+    return values if values.numel() else values.new_zeros(1)
+
+
+def group_params(
+    live: Sequence[tuple[int, torch.Tensor | None]],
+) -> tuple[list[_GradGroup], list[int]]:
+    """Dense gradients grouped by (device, dtype, shard group) for fused reductions,
+    sparse ones alone; and the indices of sharded gradients that cannot be combined."""
+    groups: dict[Any, _GradGroup] = {}
+    singles: list[_GradGroup] = []
+    left_out: list[int] = []
+    for i, g in live:
+        if g is None:
+            continue
+        if g.is_sparse:
+            singles.append(_GradGroup([i], g.device))
+            continue
+        sharding = sharding_of(g)
+        if sharding is not None and not sharding.supported:
+            left_out.append(i)
+            continue
+        shard_group = sharding.group if sharding is not None else None
+        key = (g.device, g.dtype, id(shard_group))
+        groups.setdefault(key, _GradGroup([], g.device, shard_group)).indices.append(i)
+    return [*groups.values(), *singles], left_out
+
+
+__all__ = ["GradReducer", "group_params"]
