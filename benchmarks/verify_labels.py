@@ -19,7 +19,8 @@ pathology's onset:
 * dead ReLU: a hidden ReLU layer with more than half of its units zero for a whole
   batch (median over steps);
 * saturation: a hidden sigmoid/tanh layer with more than half of its outputs where the
-  derivative is under 1% of its peak (median over steps).
+  derivative is under 1% of its peak (median over steps);
+* zero gradient: the total gradient norm is exactly 0 at every judged step.
 
 A label is verified when the set of pathologies measured equals the expected rule ids,
 and, for ``healthy``, the loss also learns (last-10 mean below 80% of first-5 mean).
@@ -72,6 +73,8 @@ def judge(m: dict[str, Any]) -> set[str]:
         found.add("dead_relu")
     if m["tail"] > 0.5:
         found.add("saturation")
+    if m["judged_steps"] > 0 and m["zero_total_steps"] == m["judged_steps"]:
+        found.add("zero_gradient")
     return found
 
 
@@ -117,6 +120,7 @@ def summarise(
         else (finite_totals[0] if finite_totals else math.nan)
     )
     window_totals = [t for t in totals[lo:hi] if math.isfinite(t)]
+    zero_total_steps = sum(t == 0.0 for t in window_totals)
     growth = max(window_totals) / base if window_totals and base > 0 else 1.0
     dead_by: dict[str, list[float]] = {}
     tail_by: dict[str, list[float]] = {}
@@ -146,6 +150,8 @@ def summarise(
         "rms_ratio": _median(rms_ratios) if rms_ratios else math.nan,
         "update_ratio": upd,
         "growth": growth,
+        "zero_total_steps": zero_total_steps,
+        "judged_steps": len(window_totals),
         "nonfinite_steps": int(sum(nonfinite)),
         "skipped_steps": skipped,
         "dead": max(dead_med.values(), default=0.0),
@@ -284,7 +290,7 @@ def _fmt(v: Any) -> str:
 HEADER = (
     "| scenario | expected | measured | verified | first/last norm | first/last RMS "
     "| first/last update | growth | NaN steps | skipped | max dead | max tail "
-    "| output tail | loss start -> end |"
+    "| output tail | zero steps | loss start -> end |"
 )
 
 
@@ -308,6 +314,7 @@ def row(scn: Scenario, m: dict[str, Any]) -> tuple[str, bool]:
         _fmt(m["dead"]),
         _fmt(m["tail"]),
         _fmt(m["output_tail"]),
+        f"{m['zero_total_steps']}/{m['judged_steps']}",
         f"{_fmt(m['loss_start'])} -> {_fmt(m['loss_end'])}",
     ]
     return "| " + " | ".join(cells) + " |", ok

@@ -70,6 +70,20 @@ FIXES: dict[str, str] = {
         "(nn.BCEWithLogitsLoss, nn.CrossEntropyLoss / from_logits=True) and guard "
         "log, sqrt and division with an epsilon."
     ),
+    "output_activation": (
+        "Give the output layer no ReLU or clamp: the loss must see raw logits "
+        "(nn.Linear as the last layer, the loss applies its own sigmoid/softmax) / "
+        "the last Dense with activation=None and from_logits=True."
+    ),
+    "connected_graph": (
+        "Keep the loss connected to the weights: no .detach(), .item(), .numpy() or "
+        "torch.no_grad() between the parameters and the loss / no ops.stop_gradient or "
+        "numpy in the model or the loss."
+    ),
+    "loss_depends_on_params": (
+        "Check that the loss is computed from the model's output on this batch, not from "
+        "constants, labels alone or a stale tensor."
+    ),
 }
 
 

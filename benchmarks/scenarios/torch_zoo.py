@@ -275,6 +275,49 @@ def nonfinite_sqrt_distance(seed: int) -> TorchRun:
     return TorchRun(model, opt, step)
 
 
+def zero_gradient_dead_output(seed: int) -> TorchRun:
+    """A regression head ending in ReLU whose bias starts at -10: the output is 0 for
+    every sample, so d loss / d output is cut at the ReLU and every gradient is 0."""
+    _setup(seed)
+    model = mlp([64, 64, 64, 1], nn.ReLU, he=True, out_act=nn.ReLU())
+    nn.init.constant_(model[-2].bias, -10.0)
+    x, y = digits()
+    target = y.float().unsqueeze(1) / 9.0
+    data = batches(x, target, seed)
+    opt = _sgd(model, 0.05)
+
+    def step(i: int) -> float:
+        xb, yb = next(data)
+        loss = F.mse_loss(model(xb), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return float(loss.detach())
+
+    return TorchRun(model, opt, step)
+
+
+def zero_gradient_rounded_predictions(seed: int) -> TorchRun:
+    """The loss compares rounded predictions with the labels (accuracy-like): round()
+    has derivative 0 everywhere, so the graph is connected but carries zeros."""
+    _setup(seed)
+    model = mlp([64, 64, 64, 1], nn.ReLU, he=True, out_act=nn.Sigmoid())
+    x, y = digits()
+    target = (y >= 5).float().unsqueeze(1)
+    data = batches(x, target, seed)
+    opt = _sgd(model, 0.05)
+
+    def step(i: int) -> float:
+        xb, yb = next(data)
+        loss = F.mse_loss(torch.round(model(xb)), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return float(loss.detach())
+
+    return TorchRun(model, opt, step)
+
+
 # --- healthy scenarios ----------------------------------------------------------------
 
 
@@ -534,6 +577,16 @@ SCENARIOS: tuple[Scenario, ...] = (
         nonfinite_sqrt_distance,
         "nonfinite_gradient",
         "distance loss sqrt(|f(a) - f(b)|^2) with identical pairs: d sqrt(0) = NaN",
+    ),
+    _s(
+        zero_gradient_dead_output,
+        "zero_gradient",
+        "ReLU on a regression output whose bias starts at -10: the output is always 0",
+    ),
+    _s(
+        zero_gradient_rounded_predictions,
+        "zero_gradient",
+        "MSE on round(sigmoid(z)): the derivative of round is 0 everywhere",
     ),
     _s(healthy_he_relu_mlp, HEALTHY, "He-init 4x128 ReLU MLP, SGD momentum"),
     _s(healthy_bn_residual_cnn, HEALTHY, "BatchNorm residual CNN, 6 blocks (13 convs)"),

@@ -17,9 +17,11 @@ from gradwatch.rules.exploding import ExplodingGradient
 from gradwatch.rules.nonfinite import NonfiniteGradient
 from gradwatch.rules.saturation import Saturation
 from gradwatch.rules.vanishing import VanishingGradient
+from gradwatch.rules.zero_gradient import ZeroGradient
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     NonfiniteGradient(),
+    ZeroGradient(),
     ExplodingGradient(),
     VanishingGradient(),
     DeadRelu(),
@@ -39,4 +41,5 @@ __all__ = [
     "Saturation",
     "Symptom",
     "VanishingGradient",
+    "ZeroGradient",
 ]

@@ -98,6 +98,11 @@ class DeadRelu(Rule):
         return Symptom(layers, severity, message, evidence, self._fixes(ctx), score=worst)
 
     def _from_gradients(self, ctx: RuleContext, relax: float) -> Symptom | None:
+        run = ctx.run
+        totals = run["total_norm"][run.steps > ctx.step - self.window, 0]
+        totals = totals[np.isfinite(totals)]
+        if totals.size and not bool(np.any(totals != 0.0)):
+            return None  # every gradient is zero: zero_gradient's case, not dying units
         view = ctx.grads
         rows = slice(max(0, view.n_steps - self.window), None)
         zero = window_median(view["zero_frac"][rows])

@@ -45,6 +45,7 @@ def test_public_names_are_exported():
         "nonfinite_gradient",
         "dead_relu",
         "saturation",
+        "zero_gradient",
     }
 
 

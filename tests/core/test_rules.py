@@ -361,3 +361,51 @@ def test_rules_can_be_selected_by_id_and_replaced():
     assert [r.id for r in an.rules] == ["dead_relu", "vanishing_gradient"]
     run(60, lambda s, r: grad_step(s, [5e-5, 1e-2]), analyzer=an)  # ratio 5e-3
     assert rule_ids(an) == {"vanishing_gradient"}
+
+
+# --- zero_gradient ----------------------------------------------------------------------
+
+
+def test_zero_gradient_fires_when_every_gradient_is_exactly_zero():
+    an = run(60, lambda s, r: grad_step(s, [0.0, 0.0, 0.0], zero_frac=1.0))
+    f = an.report().by_rule("zero_gradient")
+    assert f is not None and f.severity == "error"
+    assert f.fixes[0].id == "connected_graph"  # zero from the first step: a cut graph
+    assert rule_ids(an, "info") == {"zero_gradient"}  # not dead_relu, not vanishing
+
+
+def test_zero_gradient_is_quiet_when_one_layer_still_moves():
+    an = run(60, lambda s, r: grad_step(s, [0.0, 0.0, 1e-12], zero_frac=[1.0, 1.0, 0.99]))
+    assert "zero_gradient" not in rule_ids(an, "info")
+
+
+def test_zero_gradient_borderline_persistence():
+    def make(onset):
+        return lambda s, r: grad_step(s, [0.5, 1.0] if s < onset else [0.0, 0.0])
+
+    # Zeros from step 45 of 60: 15 steps, past warm-up and persistence (10): fires.
+    assert "zero_gradient" in rule_ids(run(60, make(45)))
+    # From step 55: 5 steps of zeros, under the persistence: no finding yet.
+    assert "zero_gradient" not in rule_ids(run(60, make(55)), "info")
+
+
+def test_zero_gradient_mid_run_points_at_a_dead_output_first():
+    acts = {"out": ("relu", 1.0, 1.0, 0.0)}
+
+    def make(s, r):
+        norms = [0.5, 1.0] if s < 30 else [0.0, 0.0]
+        return grad_step(s, norms, acts=acts if s >= 30 else None, output="out")
+
+    f = run(80, make).report().by_rule("zero_gradient")
+    assert f is not None and f.fixes[0].id == "output_activation"
+    assert f.evidence["zero_since_first_step"] == 0.0
+
+
+def test_zero_gradient_counts_total_norm_only_steps():
+    # Per-layer statistics every 10th step, the fused total norm in between.
+    def make(s, r):
+        if s % 10 == 0:
+            return grad_step(s, [0.0, 0.0], zero_frac=1.0)
+        return StepStats(step=s, grad_total_norm=0.0)
+
+    assert "zero_gradient" in rule_ids(run(60, make))
