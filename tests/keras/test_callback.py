@@ -9,8 +9,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-import gradwatch.adapters.keras as gw_keras  # noqa: E402
+import gradwatch.adapters.keras.probe as gw_probe  # noqa: E402
 import numpy as np  # noqa: E402
+from gradwatch.adapters.keras.callback import RingReader  # noqa: E402
 from keras_helpers import compile_classifier, data, fit, mlp  # noqa: E402
 
 import gradwatch  # noqa: E402
@@ -401,7 +402,7 @@ def _boom(*args, **kwargs):
 
 
 def test_internal_error_in_the_train_step_does_not_kill_fit(monkeypatch) -> None:
-    monkeypatch.setattr(gw_keras, "_grad_row", _boom)
+    monkeypatch.setattr(gw_probe, "_grad_row", _boom)
     model = _small_model()
     cb = _cb()
     with pytest.warns(GradwatchWarning, match="boom"):
@@ -413,7 +414,7 @@ def test_internal_error_in_the_train_step_does_not_kill_fit(monkeypatch) -> None
 
 
 def test_internal_error_on_the_host_does_not_kill_fit(monkeypatch) -> None:
-    monkeypatch.setattr(GradWatchCallback, "_step_stats", _boom)
+    monkeypatch.setattr(RingReader, "_step_stats", _boom)
     cb = _cb()
     with pytest.warns(GradwatchWarning, match="boom"):
         history = fit(_small_model(), [cb])
@@ -422,7 +423,7 @@ def test_internal_error_on_the_host_does_not_kill_fit(monkeypatch) -> None:
 
 
 def test_strict_reraises_internal_errors(monkeypatch) -> None:
-    monkeypatch.setattr(gw_keras, "_grad_row", _boom)
+    monkeypatch.setattr(gw_probe, "_grad_row", _boom)
     model = _small_model()
     with pytest.raises(RuntimeError, match="boom"):
         fit(model, [_cb(strict=True)])

@@ -1,0 +1,140 @@
+"""The callback-owned variables the train step writes into: :class:`Probe`.
+
+Owns the ring layout (one slot per sample: the step, whether the optimizer skipped
+it, a :data:`gradwatch.rows.GRAD_ROW_FIELDS` row per gradient and an
+:data:`gradwatch.rows.ACT_ROW_FIELDS` row per activation layer) and
+:func:`write_sample`, the one pure computation of a slot's new contents that both
+the TensorFlow/torch capture (which assigns it) and the JAX capture (which returns it
+as state) use. Also two small reads: the loss scale the gradients carry (for the
+captures) and a probe variable's copy to the host (for the callback).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+from gradwatch.adapters.keras.reductions import _grad_row, _one_hot_where, _param_norms
+from keras import ops
+
+from gradwatch.rows import ACT_ROWS, GRAD_ROWS, NONFINITE
+
+
+class Probe:
+    """The rings the traced train step writes and the host reads every flush."""
+
+    def __init__(self, n_vars: int, n_acts: int, ring: int) -> None:
+        self.ring = ring
+        self.n_vars = n_vars
+        self.n_acts = n_acts
+        kw: dict[str, Any] = {"trainable": False}
+        # Optimizer steps seen in this fit.
+        self.counter = keras.Variable(0, dtype="int32", name="gradwatch_counter", **kw)
+        # Samples written in this fit; the ring slot of a sample is `samples % ring`.
+        self.samples = keras.Variable(0, dtype="int32", name="gradwatch_samples", **kw)
+        # Per slot: the step written there (-1 = never) and whether it was skipped.
+        self.steps = keras.Variable(
+            np.full((ring, 2), -1, np.int32), dtype="int32", name="gradwatch_steps", **kw
+        )
+        self.grads: keras.Variable | None = None
+        if n_vars:
+            self.ensure_grads(n_vars)
+        self.acts: keras.Variable | None = None
+        if n_acts:
+            self.acts = keras.Variable(
+                np.full((ring, n_acts, ACT_ROWS), np.nan, np.float32), name="gradwatch_acts", **kw
+            )
+
+    def ensure_grads(self, n_vars: int) -> keras.Variable:
+        """The gradient ring, created on first use when the model was not built before
+        fit (a subclassed model builds inside the first traced step; Keras creates
+        variables there under ``tf.init_scope``, as the optimizer does)."""
+        if self.grads is None:
+            self.n_vars = n_vars
+            self.grads = keras.Variable(
+                np.zeros((self.ring, max(n_vars, 1), GRAD_ROWS), np.float32),
+                trainable=False,
+                name="gradwatch_grads",
+            )
+        if n_vars > self.n_vars:
+            raise RuntimeError(
+                f"the optimizer applies {n_vars} gradients but the model listed "
+                f"{self.n_vars} trainable variables at the start of fit"
+            )
+        return self.grads
+
+    def state(self) -> list[tuple[str, keras.Variable]]:
+        """The variables by attribute name, in the order the JAX path threads them."""
+        names = ("counter", "samples", "steps", "grads", "acts")
+        return [(n, getattr(self, n)) for n in names if getattr(self, n) is not None]
+
+
+def write_sample(
+    probe: Probe,
+    current: dict[str, Any],
+    step: Any,
+    grads: list[Any],
+    params: list[Any],
+    scale: Any,
+    dynamic: bool,
+    activation_table: Callable[[], Any] | None,
+    param_norms: Any = None,
+) -> dict[str, Any]:
+    """New values of the rings (``grads``, ``steps``, ``acts``) and of ``samples``
+    after writing one sample, from their ``current`` values. Pure, so the TensorFlow
+    and torch path assigns the result and the JAX path returns it as state."""
+    rows = []
+    for g in grads:
+        if scale is not None:
+            g = ops.divide(ops.cast(g, "float32"), ops.cast(scale, "float32"))
+        rows.append(_grad_row(g))
+    samples = current["samples"]
+    if param_norms is None and rows:
+        param_norms = _param_norms(params, samples)
+    table = (
+        ops.zeros((0, GRAD_ROWS), "float32")
+        if not rows
+        else ops.concatenate([ops.stack(rows), ops.expand_dims(param_norms, -1)], axis=1)
+    )
+    # Rows in call order (model order), zero-padded to the probe's fixed shape.
+    padding = probe.n_vars - len(rows)
+    if padding:
+        table = ops.concatenate([table, ops.zeros((padding, GRAD_ROWS), "float32")], axis=0)
+    slot = ops.mod(samples, probe.ring)
+    if dynamic and rows:
+        skipped = ops.cast(ops.greater(ops.sum(table[:, NONFINITE]), 0.0), "int32")
+    else:
+        skipped = ops.convert_to_tensor(0, "int32")
+    new = {
+        "grads": _one_hot_where(slot, probe.ring, table, current["grads"]),
+        "steps": _one_hot_where(slot, probe.ring, ops.stack([step, skipped]), current["steps"]),
+    }
+    if activation_table is not None:
+        new["acts"] = _one_hot_where(slot, probe.ring, activation_table(), current["acts"])
+    new["samples"] = samples + 1
+    return new
+
+
+def loss_scale(optimizer: Any) -> Any:
+    """What ``optimizer`` divides the gradients by: LossScaleOptimizer's dynamic scale
+    (a variable), a fixed ``loss_scale_factor``, or ``None``."""
+    scale = getattr(optimizer, "dynamic_scale", None)
+    if scale is None:
+        scale = getattr(optimizer, "loss_scale_factor", None)
+    return scale
+
+
+def to_host(variable: keras.Variable) -> np.ndarray:
+    """One device-to-host copy of a probe variable (tf.Tensor, torch.Tensor or a JAX
+    array)."""
+    value = variable.value
+    detach = getattr(value, "detach", None)
+    if callable(detach):  # torch
+        value = detach().cpu()
+    numpy = getattr(value, "numpy", None)
+    return np.asarray(numpy() if callable(numpy) else value)
+
+
+__all__ = ["Probe", "loss_scale", "to_host", "write_sample"]
