@@ -417,6 +417,7 @@ class Analyzer:
                 log10_norm=tuple(tuple(float(v) for v in row) for row in flow),
             ),
             notes=tuple(notes),
+            stopped_at=None if self.guard.enabled else self._last_step,
         )
 
     def _layer_summaries(self) -> tuple[LayerSummary, ...]:

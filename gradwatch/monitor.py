@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import shutil
 import warnings
 import weakref
@@ -183,6 +184,9 @@ class Monitor:
                 f"{type(error).__name__}: {error}"
             )
         report = self.analyzer.report()
+        if error is not None and report.stopped_at is None:
+            stopped = self.error_step if self.error_step is not None else report.last_step
+            report = dataclasses.replace(report, stopped_at=stopped)
         if (self.show if show is None else show) and self.rank_zero:
             print(render_for_console(report, self.width))
         return report

@@ -48,15 +48,28 @@ def _summary(report: Report) -> Text:
         if report.steps_observed
         else "no steps observed"
     )
-    problems = [f for f in report.findings if f.severity != "info"]
-    if not problems:
-        text = Text("gradwatch: gradients look healthy", style="bold green")
-    else:
+    problems = report.problems
+    stopped = report.stopped_at is not None
+    if problems:
         counts = {s: sum(f.severity == s for f in problems) for s in ("error", "warning")}
         parts = [f"{n} {s}{'s' if n > 1 else ''}" for s, n in counts.items() if n]
         noun = "problem" if len(problems) == 1 else "problems"
         text = Text(f"gradwatch: {len(problems)} {noun} ({', '.join(parts)})", style="bold red")
+    elif report.steps_observed == 0:
+        # Never "healthy" over what was not seen.
+        text = Text(
+            "gradwatch: nothing was judged, no training step reached it", style="bold yellow"
+        )
+    elif stopped:
+        text = Text("gradwatch: no problem found before monitoring stopped", style="bold yellow")
+    else:
+        text = Text("gradwatch: gradients look healthy", style="bold green")
     text.append(f" - {span}", style="default")
+    if stopped:
+        text.append(
+            f"; monitoring stopped at step {report.stopped_at} after an internal error (see notes)",
+            style="bold yellow",
+        )
     return text
 
 

@@ -69,6 +69,8 @@ class Report:
         flow: the downsampled gradient-flow history for plots.
         notes: what was not covered (e.g. activations gradwatch could not hook), or
             why monitoring stopped.
+        stopped_at: the step at which an internal error switched monitoring off, or
+            ``None`` when it watched to the end. Nothing after it was judged.
     """
 
     findings: tuple[Finding, ...] = ()
@@ -78,6 +80,7 @@ class Report:
     steps_observed: int = 0
     flow: FlowHistory = field(default_factory=FlowHistory)
     notes: tuple[str, ...] = ()
+    stopped_at: int | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __eq__(self, other: object) -> bool:
@@ -89,8 +92,19 @@ class Report:
 
     @property
     def healthy(self) -> bool:
-        """No finding of severity warning or error."""
-        return not any(SEVERITY_RANK[f.severity] >= SEVERITY_RANK["warning"] for f in self.findings)
+        """No finding of severity warning or error, over a run that was watched: at least
+        one step observed and no internal error cutting monitoring short. A report never
+        calls healthy what it did not see."""
+        if self.steps_observed == 0 or self.stopped_at is not None:
+            return False
+        return not self.problems
+
+    @property
+    def problems(self) -> tuple[Finding, ...]:
+        """The findings of severity warning or error."""
+        return tuple(
+            f for f in self.findings if SEVERITY_RANK[f.severity] >= SEVERITY_RANK["warning"]
+        )
 
     def by_rule(self, rule_id: str) -> Finding | None:
         """The finding of ``rule_id``, or ``None``."""
@@ -177,6 +191,7 @@ class Report:
             steps_observed=_int(d["steps_observed"]),
             flow=flow,
             notes=_strs(d["notes"]),
+            stopped_at=None if d.get("stopped_at") is None else _int(d["stopped_at"]),
             schema_version=int(d["schema_version"]),
         )
 
@@ -234,7 +249,7 @@ def _encode(value: Any) -> Any:
 
 _REPORT_KEYS = frozenset(
     ("findings", "layers", "first_step", "last_step", "steps_observed", "flow", "notes")
-) | {"schema_version"}
+) | {"stopped_at", "schema_version"}
 _FINDING_KEYS = frozenset(
     ("rule", "severity", "layers", "first_step", "last_step", "message", "evidence", "fixes")
 )

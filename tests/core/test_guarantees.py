@@ -221,3 +221,41 @@ def test_version_flag(capsys):
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("gradwatch ")
+
+
+# --- never "healthy" over what was not seen -------------------------------------------
+
+
+def test_a_report_with_no_observed_step_is_not_healthy_and_says_so():
+    report = Analyzer().report()
+    assert not report.healthy
+    first = report.render(width=100).splitlines()[0]
+    assert "healthy" not in first and "nothing was judged" in first
+
+
+def test_a_report_cut_short_by_an_internal_error_is_not_healthy_and_says_where():
+    class Broken(DeadRelu):
+        def check(self, ctx):
+            if ctx.step >= 25:
+                raise ZeroDivisionError("rule bug")
+            return None
+
+    an = Analyzer(rules=[Broken()])
+    with pytest.warns(UserWarning, match="internal error"):
+        run(40, lambda s, r: grad_step(s, [0.5, 1.0]), analyzer=an)
+    report = an.report()
+    assert report.stopped_at == 25 and not report.healthy
+    first = report.render(width=120).splitlines()[0]
+    assert "healthy" not in first and "stopped at step 25" in first
+    assert Report.from_json(report.to_json()) == report
+
+
+def test_a_monitor_whose_adapter_failed_marks_the_report_stopped():
+    m = Monitor(show=False)
+    m.observe([grad_step(s, [0.5, 1.0]) for s in range(5)])
+    m.error_step = 4
+    with pytest.warns(UserWarning, match="internal error"), m.guard:
+        raise RuntimeError("adapter bug")
+    report = m.report()
+    assert report.stopped_at == 4 and not report.healthy
+    assert any("adapter bug" in note for note in report.notes)
