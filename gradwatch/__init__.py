@@ -27,7 +27,9 @@ from gradwatch.stats import StepStats
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradwatch.adapters.keras import GradWatchCallback
+    from gradwatch.adapters.lightning import LightningCallback
     from gradwatch.adapters.torch import watch
+    from gradwatch.adapters.transformers import HFTrainerCallback
 
 __version__ = "0.1.0"
 
@@ -40,7 +42,9 @@ __all__ = [
     "Fix",
     "GradWatchCallback",
     "GradwatchWarning",
+    "HFTrainerCallback",
     "LayerSummary",
+    "LightningCallback",
     "Report",
     "StepStats",
     "__version__",
@@ -60,4 +64,12 @@ def __getattr__(name: str) -> Any:
         from gradwatch.adapters.keras import GradWatchCallback
 
         return GradWatchCallback
+    if name == "LightningCallback":
+        from gradwatch.adapters.lightning import LightningCallback
+
+        return LightningCallback
+    if name == "HFTrainerCallback":
+        from gradwatch.adapters.transformers import HFTrainerCallback
+
+        return HFTrainerCallback
     raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")

@@ -1,0 +1,220 @@
+"""gradwatch.HFTrainerCallback on a real transformers.Trainer (CPU, a 2-layer GPT-2 built
+from a config with random weights, generated tokens; nothing is downloaded).
+
+The reference is recorded without gradwatch: a wrapper of ``torch.nn.utils.clip_grad_norm_``
+(which accelerate calls to clip, after unscaling) saves each parameter's gradient norm
+before clipping, and the optimizer's own ``step`` saves the norm it applies.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import AnalyzerSpy, assert_hooks_removed
+
+import gradwatch
+from gradwatch.guard import FindingError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+FIRST = "transformer.h.0.attn.c_attn.weight"
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that records one parameter's gradient norm as it applies it (after clipping)."""
+
+    def __init__(self, model: torch.nn.Module, lr: float) -> None:
+        super().__init__(model.parameters(), lr=lr, momentum=0.9)
+        self.first = dict(model.named_parameters())[FIRST]
+        self.applied: list[float] = []
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def,override]
+        assert self.first.grad is not None
+        self.applied.append(float(self.first.grad.norm()))
+        return super().step(closure)
+
+
+class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Generated sequences: a random start, then counting up modulo the vocabulary."""
+
+    def __init__(self, n: int, length: int = 16, vocab: int = 64) -> None:
+        g = torch.Generator().manual_seed(2)
+        start = torch.randint(0, vocab, (n, 1), generator=g)
+        self.ids = (start + torch.arange(length)) % vocab
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _tiny_gpt2() -> torch.nn.Module:
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _make_trainer(
+    cb: gradwatch.HFTrainerCallback,
+    out: Path,
+    *,
+    steps: int = 20,
+    accumulate: int = 1,
+    max_grad_norm: float = 1.0,
+    lr: float = 0.05,
+    model: torch.nn.Module | None = None,
+) -> Any:
+    model = model if model is not None else _tiny_gpt2()
+    optimizer = RecordingSGD(model, lr=lr)
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=accumulate,
+        max_grad_norm=max_grad_norm,
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    return transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=Tokens(8 * steps * accumulate),
+        callbacks=[cb],
+        optimizers=(optimizer, None),
+    )
+
+
+def _train(cb: gradwatch.HFTrainerCallback, out: Path, **kwargs: Any) -> Any:
+    trainer = _make_trainer(cb, out, **kwargs)
+    trainer.train()
+    return trainer
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers() -> None:
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
+@pytest.fixture
+def pre_clip(monkeypatch: pytest.MonkeyPatch) -> list[dict[int, float]]:
+    """id(parameter) -> gradient norm at each clip call, before clipping."""
+    records: list[dict[int, float]] = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def clip_grad_norm_(parameters: Any, *args: Any, **kwargs: Any) -> Any:
+        parameters = list(parameters)
+        records.append({id(p): float(p.grad.norm()) for p in parameters if p.grad is not None})
+        return original(parameters, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_grad_norm_)
+    return records
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.usefixtures("no_gradwatch_warning")
+def test_reads_the_pre_clip_gradient_of_each_optimizer_step(
+    analyzer_spy: AnalyzerSpy, pre_clip: list[dict[int, float]], tmp_path: Path, accumulate: int
+) -> None:
+    model = _tiny_gpt2()
+    names = {id(p): n for n, p in model.named_parameters()}
+    micro: list[float] = []  # the first layer's gradient after every backward pass
+    model.get_parameter(FIRST).register_post_accumulate_grad_hook(
+        lambda p: micro.append(float(p.grad.norm()))
+    )
+    cb = gradwatch.HFTrainerCallback(on_finding="ignore", verbose=False)
+    trainer = _train(cb, tmp_path, steps=20, accumulate=accumulate, model=model)
+
+    assert trainer.state.global_step == 20
+    assert len(pre_clip) == len(trainer.optimizer.optimizer.applied) == 20
+    assert len(micro) == 20 * accumulate
+    seen = analyzer_spy.per_layer()
+    assert sorted(seen) == list(range(20))
+    for step, reference in enumerate(pre_clip):
+        expected = {names[i]: norm for i, norm in reference.items()}
+        assert set(seen[step]) == set(expected)
+        for name, norm in expected.items():
+            assert seen[step][name] == pytest.approx(norm, rel=1e-5), (step, name)
+    if accumulate == 2:  # both micro-batches' gradient, not the first one's alone
+        assert all(seen[i][FIRST] != pytest.approx(micro[2 * i], rel=1e-3) for i in range(20))
+    # max_grad_norm=1.0 bit: SGD applied the judged gradient times the clip coefficient
+    total = np.array([np.sqrt(sum(n**2 for n in r.values())) for r in pre_clip])
+    judged = np.array([seen[i][FIRST] for i in range(20)])
+    applied = np.array(trainer.optimizer.optimizer.applied)
+    assert np.sum(total > 1.1) >= 5  # clipping really changed these steps
+    np.testing.assert_allclose(applied, judged * np.minimum(1.0, 1.0 / (total + 1e-6)), rtol=1e-4)
+    assert cb.report is not None and cb.report.steps_observed == 20
+    # the tap is gone with the training run
+    assert "clip_grad_norm_" not in vars(trainer.accelerator)
+    assert "unscale_gradients" not in vars(trainer.accelerator)
+    assert_hooks_removed(model)
+
+
+@pytest.mark.usefixtures("no_gradwatch_warning")
+def test_healthy_run_has_no_finding(tmp_path: Path) -> None:
+    cb = gradwatch.HFTrainerCallback(on_finding="ignore", verbose=False)
+    _train(cb, tmp_path, steps=40)
+    assert cb.report is not None and cb.report.steps_observed == 40
+    assert not cb.report.findings, [f.rule for f in cb.report.findings]
+
+
+def test_huge_learning_rate_is_detected(tmp_path: Path) -> None:
+    cb = gradwatch.HFTrainerCallback(on_finding="ignore", verbose=False)
+    _train(cb, tmp_path, steps=40, lr=500.0, max_grad_norm=0.0)
+    assert cb.report is not None
+    rules = {f.rule for f in cb.report.findings}
+    assert rules & {"exploding_gradient", "nonfinite_gradient"}, rules
+
+
+def test_one_callback_serves_several_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cb = gradwatch.HFTrainerCallback(on_finding="ignore")
+    _train(cb, tmp_path / "a", steps=6)
+    assert cb.report is not None and cb.report.steps_observed == 6
+    assert "gradwatch" in capsys.readouterr().out  # verbose: printed at train end
+    first = cb.report
+    _train(cb, tmp_path / "b", steps=4, accumulate=2)
+    assert cb.report is not first and cb.report.steps_observed == 4
+    assert cb.watch is None
+
+
+def test_on_finding_raise_stops_training_and_cleans_up(tmp_path: Path) -> None:
+    model = _tiny_gpt2()
+    cb = gradwatch.HFTrainerCallback(on_finding="raise", flush_every=5, verbose=False)
+    trainer = _make_trainer(cb, tmp_path, steps=200, lr=500.0, max_grad_norm=0.0, model=model)
+    with pytest.raises(FindingError):
+        trainer.train()
+    assert trainer.state.global_step < 200
+    assert cb.report is not None and cb.report.steps_observed < 200
+    assert "clip_grad_norm_" not in vars(trainer.accelerator)
+    assert_hooks_removed(model)
+
+
+def test_an_internal_error_never_stops_training(tmp_path: Path) -> None:
+    def broken_schedule(step: int) -> bool:
+        if step == 3:
+            raise RuntimeError("injected")
+        return True
+
+    cb = gradwatch.HFTrainerCallback(grad_schedule=broken_schedule, flush_every=1, verbose=False)
+    with pytest.warns(gradwatch.GradwatchWarning, match="injected"):
+        trainer = _train(cb, tmp_path, steps=8)
+    assert trainer.state.global_step == 8
+    assert cb.report is not None and cb.report.steps_observed == 3
+    assert any("injected" in note for note in cb.report.notes)
