@@ -483,6 +483,9 @@ def resolve_rules(rules: Sequence[Rule | str]) -> tuple[Rule, ...]:
             f"rules must be a sequence of Rule instances or rule ids, got {rules!r}"
         ) from None
     by_id = {r.id: r for r in DEFAULT_RULES}
+    wrong = [r for r in rules if not isinstance(r, (str, Rule))]
+    if wrong:
+        raise ValueError(f"rules must hold gradwatch Rule instances or rule ids, got {wrong[0]!r}")
     unknown = sorted(r for r in rules if isinstance(r, str) and r not in by_id)
     if unknown:
         raise ValueError(f"rules: unknown rule ids {unknown}; known: {list(RULE_IDS)}")

@@ -93,6 +93,7 @@ def test_every_fails_at_construction_or_answers_bools(k, dense_until):
         (lambda: Analyzer(group_by=None), "group_by"),
         (lambda: Analyzer(window=10**12), "window"),
         (lambda: Analyzer(rules=5), "rules"),
+        (lambda: Analyzer(rules=[object()]), "rules"),
         (lambda: every(1, dense_until=-5), "dense_until"),
         (lambda: VanishingGradient(ratio_threshold="1e-3"), "ratio_threshold"),
         (lambda: DeadRelu(min_samples=2.5), "min_samples"),
