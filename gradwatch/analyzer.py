@@ -244,8 +244,13 @@ class Analyzer:
         norm = np.where(np.isfinite(norm), norm, np.nan)
         numel = np.asarray(s.grad_numel, dtype=np.float64)
         g_numel = np.bincount(idx, numel, n)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            g_norm = np.sqrt(np.bincount(idx, norm * norm, n))
+        # Norms combine scaled by each group's largest, so 1e200 (float64) does not
+        # overflow to Inf when squared; NaN (unknown) stays NaN.
+        scale = np.zeros(n)
+        np.fmax.at(scale, idx, norm)
+        scale = np.where(scale > 0, scale, 1.0)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            g_norm = np.sqrt(np.bincount(idx, (norm / scale[idx]) ** 2, n)) * scale
             weight = np.where(g_numel > 0, g_numel, 1.0)
             g_mean = np.bincount(idx, np.asarray(s.grad_mean_abs) * numel, n) / weight
             g_zero = np.bincount(idx, np.asarray(s.grad_zero_frac) * numel, n) / weight
@@ -256,7 +261,8 @@ class Analyzer:
         g_param = np.full(n, np.nan)  # unknown unless the adapter measured the weights
         if s.param_norm:
             p = np.asarray(s.param_norm, dtype=np.float64)
-            g_param = np.sqrt(np.bincount(idx, p * p, n))
+            with np.errstate(over="ignore", invalid="ignore"):
+                g_param = np.sqrt(np.bincount(idx, p * p, n))
             weighed = np.isfinite(g_norm) & (g_param > 0)
             if len(self._initial_relative) < _BASELINE_STEPS and weighed.any():
                 self._initial_relative.append(float(np.median(g_norm[weighed] / g_param[weighed])))
@@ -277,7 +283,7 @@ class Analyzer:
         self._flow.add(s.step, groups, g_norm)
         if g_nonfinite.sum() > 0:
             return math.nan
-        return float(np.sqrt(np.sum(g_norm * g_norm)))
+        return math.hypot(*g_norm.tolist())  # hypot scales: no overflow on huge norms
 
     def _ingest_acts(self, s: StepStats) -> None:
         for name, kind, out in zip(s.act_layers, s.act_kinds, s.act_is_output, strict=False):

@@ -6,7 +6,10 @@ Every adapter composes one ``Monitor``. It owns what is the same everywhere:
   an internal error into one warning and switches monitoring off;
 * the ``on_finding`` policy: warn once per rule, raise, stop, ignore or a callable;
 * the end-of-run report: printed once, on rank zero only, or at interpreter exit
-  when the run never asked for it.
+  when the run never asked for it;
+* the logging sinks (``log_to=``, :meth:`Monitor.add_sink`): each observed batch goes to
+  them in one write per flush (:mod:`gradwatch.sinks`);
+* the framework the report speaks: its fixes are spelled for ``framework``.
 
 An adapter only says when a step happens, turns its tensors into
 :class:`~gradwatch.StepStats` (see :mod:`gradwatch.rows`) and calls :meth:`observe`.
@@ -25,7 +28,6 @@ import atexit
 import contextlib
 import dataclasses
 import shutil
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,16 +35,22 @@ from typing import Any
 from gradwatch.analyzer import Analyzer
 from gradwatch.config import check_bool, check_on_finding
 from gradwatch.findings import SEVERITY_RANK, Finding
-from gradwatch.guard import FindingError, GradwatchWarning, Guard
+from gradwatch.guard import FindingError, Guard, warn
 from gradwatch.report import Report
 from gradwatch.rules import DEFAULT_RULES, Rule
+from gradwatch.sinks import Sink, resolve_sink, scalars_for, sinks_of
 from gradwatch.stats import StepStats
 
 ON_FINDING_MODES = ("warn", "raise", "stop", "ignore")
+FRAMEWORKS = ("torch", "keras")
 
 # Monitors whose run never asked for its report: the one-line
 # ``gradwatch.watch(model, optimizer)`` keeps no handle, so it prints at exit.
 _UNREPORTED: weakref.WeakSet[Monitor] = weakref.WeakSet()
+
+
+# Monitors with sinks still open: their writers are flushed and closed at exit.
+_WITH_SINKS: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
 
 @atexit.register
@@ -51,6 +59,9 @@ def _report_unreported_at_exit() -> None:
         # Never turn a finished run into a crash at exit.
         with contextlib.suppress(Exception):
             monitor.report()
+    for monitor in list(_WITH_SINKS):
+        with contextlib.suppress(Exception):
+            monitor.close()
 
 
 class Monitor:
@@ -80,9 +91,19 @@ class Monitor:
             adapter can undo its patches first. Defaults to ``None``.
         before_report: runs before a report is built (an adapter's flush). Defaults
             to ``None``.
+        log_to: where the per-step numbers go: a TensorBoard log directory (``str`` or
+            ``Path``), a ``torch.utils.tensorboard.SummaryWriter``, a wandb run, the
+            ``mlflow`` module, a callable ``(step, {name: value})``, a
+            :class:`~gradwatch.sinks.Sink`, or a list of those. Written once per
+            :meth:`observe` (the adapter's flush), on rank zero only; tags are in
+            ``docs/logging.md``. A failing sink warns once and stops logging, monitoring
+            goes on (``strict=True`` raises). Defaults to ``None``: nowhere.
+        framework: ``"torch"`` or ``"keras"``: the report, its warnings and its fixes
+            speak this framework's spelling. Defaults to ``None``: both spellings.
 
     Raises:
         ValueError: naming the bad parameter.
+        TypeError: naming ``log_to``, for a target of no known kind.
     """
 
     def __init__(
@@ -102,10 +123,24 @@ class Monitor:
         stop: Callable[[], None] | None = None,
         before_raise: Callable[[], None] | None = None,
         before_report: Callable[[], None] | None = None,
+        log_to: Any = None,
+        framework: str | None = None,
     ) -> None:
         self.on_finding = check_on_finding(on_finding, modes)
         check_bool("strict", strict)
         check_bool("show", show)
+        if framework is not None and framework not in FRAMEWORKS:
+            raise ValueError(f"framework must be one of {FRAMEWORKS} or None, got {framework!r}")
+        self.framework = framework
+        self.strict = strict
+        self._sinks: list[tuple[Sink, Guard]] = []
+        self._log_guard = Guard(
+            "gradwatch logging",
+            strict=strict,
+            consequence="it logs nothing more, training and monitoring continue",
+        )
+        if log_to is not None:
+            self.add_sink(log_to)
         self.where = where
         self.show = show
         self.rank_zero = rank_zero
@@ -132,8 +167,76 @@ class Monitor:
         return self.guard.enabled and self.analyzer.enabled
 
     def observe(self, stats: StepStats | Sequence[StepStats]) -> None:
-        """Hand reduced statistics to the analyzer; findings are dispatched here."""
-        self.analyzer.observe_stats(stats)
+        """Hand reduced statistics to the analyzer; findings are dispatched here, then
+        the batch goes to the sinks in one write each (also when a finding raises)."""
+        batch = [stats] if isinstance(stats, StepStats) else list(stats)
+        try:
+            self.analyzer.observe_stats(batch)
+        finally:
+            if self._sinks and batch and self.rank_zero:
+                self._log(batch)
+
+    # --- sinks ---------------------------------------------------------------------
+
+    def add_sink(self, target: Any) -> Sink:
+        """Also log every observed batch to ``target`` (anything ``log_to=`` takes; a
+        trainer callback passes a callable that routes to its trainer's logger).
+
+        Returns:
+            the :class:`~gradwatch.sinks.Sink` (the last one, for a list).
+
+        Raises:
+            TypeError, ValueError: naming ``log_to``, for a target of no known kind.
+        """
+        sink = resolve_sink(target, self.framework)
+        for one in sinks_of(sink):
+            guard = Guard(
+                f"gradwatch logging to {one.name}",
+                strict=self.strict,
+                consequence="it logs nothing more, training and monitoring continue",
+            )
+            self._sinks.append((one, guard))
+        _WITH_SINKS.add(self)
+        return sink
+
+    @property
+    def sinks(self) -> tuple[Sink, ...]:
+        """The sinks still logging (a failed one is dropped)."""
+        return tuple(sink for sink, guard in self._sinks if guard.enabled)
+
+    def _open_rules(self) -> set[str]:
+        # An episode is open while its rule still sees the symptom.
+        episodes = getattr(self.analyzer, "_episodes", {})
+        return {rule for rule, ep in episodes.items() if getattr(ep, "active", False)}
+
+    def _log(self, batch: Sequence[StepStats]) -> None:
+        live = [(sink, guard) for sink, guard in self._sinks if guard.enabled]
+        if not live or not self._log_guard.enabled:
+            return
+        rows: list[tuple[int, dict[str, float]]] | None = None
+        with self._log_guard:
+            rows = self._rows(batch)
+        if rows is None:  # building them failed: the guard warned, logging is off
+            return
+        for sink, guard in live:
+            with guard:
+                sink.write(rows)
+
+    def _rows(self, batch: Sequence[StepStats]) -> list[tuple[int, dict[str, float]]]:
+        rows = [(int(s.step), scalars_for(s)) for s in batch[:-1]]
+        # Findings are judged after the whole batch: their state goes on its last step.
+        last = batch[-1]
+        rows.append((int(last.step), scalars_for(last, self.analyzer.findings, self._open_rules())))
+        return rows
+
+    def _flush_sinks(self, close: bool = False) -> None:
+        for sink, guard in self._sinks:
+            if guard.enabled:
+                with guard:
+                    if close:
+                        sink.close()
+                    else:
+                        sink.flush()
 
     def note(self, text: str) -> None:
         """A coverage note for the report (once, however often it is added)."""
@@ -141,7 +244,15 @@ class Monitor:
 
     # --- findings ------------------------------------------------------------------
 
+    def _spell(self, finding: Finding) -> Finding:
+        if self.framework is None or not finding.fixes:
+            return finding
+        return dataclasses.replace(
+            finding, fixes=tuple(fix.spelled(self.framework) for fix in finding.fixes)
+        )
+
     def _handle(self, finding: Finding) -> None:
+        finding = self._spell(finding)
         mode = self.on_finding
         if callable(mode):
             mode(finding)
@@ -163,7 +274,7 @@ class Monitor:
         if mode == "stop" and not self.final and self._stop is not None:
             self._stop()
             text += " Stopping training (on_finding='stop')."
-        warnings.warn(text, GradwatchWarning, stacklevel=2)
+        warn(text)
 
     # --- output --------------------------------------------------------------------
 
@@ -187,13 +298,24 @@ class Monitor:
         if error is not None and report.stopped_at is None:
             stopped = self.error_step if self.error_step is not None else report.last_step
             report = dataclasses.replace(report, stopped_at=stopped)
+        if self.framework is not None:
+            report = dataclasses.replace(
+                report,
+                framework=self.framework,
+                findings=tuple(self._spell(f) for f in report.findings),
+            )
+        self._flush_sinks()
         if (self.show if show is None else show) and self.rank_zero:
             print(render_for_console(report, self.width))
         return report
 
     def close(self) -> None:
-        """Forget the at-exit report (the adapter removed its hooks). Idempotent."""
+        """Forget the at-exit report (the adapter removed its hooks) and close the sinks:
+        flush them, and close the writers gradwatch opened itself. Idempotent."""
         _UNREPORTED.discard(self)
+        _WITH_SINKS.discard(self)
+        self._flush_sinks(close=True)
+        self._sinks.clear()
 
 
 def render_for_console(report: Report, width: int | None = None) -> str:

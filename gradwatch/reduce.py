@@ -25,9 +25,13 @@ def to_numpy(array: Any) -> np.ndarray:
         if callable(cpu):
             array = cpu()
     try:
-        return np.asarray(array, dtype=np.float64)
+        raw = np.asarray(array)
     except (TypeError, ValueError, RuntimeError):
-        return np.asarray(np.from_dlpack(array), dtype=np.float64)
+        raw = np.asarray(np.from_dlpack(array))
+    if np.iscomplexobj(raw):
+        # |z| keeps the imaginary part: the norm of [3+4j, 0] is 5, not 3.
+        return np.asarray(np.abs(raw), dtype=np.float64)
+    return raw.astype(np.float64, copy=False)
 
 
 def grad_stats_from_array(array: Any) -> tuple[float, float, float, float, int, int]:
@@ -46,10 +50,12 @@ def grad_stats_from_array(array: Any) -> tuple[float, float, float, float, int, 
     finite = np.isfinite(g)
     nonfinite = int(numel - np.count_nonzero(finite))
     a = np.abs(np.where(finite, g, 0.0))
-    norm = float(np.sqrt(np.dot(a, a)))
+    peak = float(a.max())
+    # Scaled by the largest entry: 1e200 squared would overflow, subnormals underflow.
+    norm = peak * float(np.sqrt(np.dot(a / peak, a / peak))) if peak > 0 else 0.0
     return (
         norm,
-        float(a.max()),
+        peak,
         float(a.sum() / numel),
         float(np.count_nonzero(g == 0.0) / numel),
         nonfinite,

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from gradwatch.findings import Finding
-from gradwatch.report import LayerSummary, Report
+from gradwatch.report import Report
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 _SPARK = "▁▂▃▄▅▆▇█"
@@ -27,6 +28,15 @@ _BAR_WIDTH = 14
 _SPARK_WIDTH = 12
 # Beyond this many layers the table shows the first and last halves only.
 _MAX_TABLE_ROWS = 40
+# The columns next to the layer name: |g| typ, flow, over run, zeros, flag; each column
+# after the first costs 3 more cells (padding and the divider).
+_FIXED_COLUMNS = 7 + 5 + 1 + 5 * 3
+_MIN_NAME_WIDTH = 12
+_MAX_NAME_WIDTH = 40
+# When the names cannot all stay distinct, the flow bar and the sparkline shrink to this.
+_COMPACT_WIDTH = 8
+ELLIPSIS = "…"
+_SEPARATOR = re.compile(r"(?<=[./])")
 
 
 def fmt(value: float) -> str:
@@ -97,22 +107,22 @@ def _finding_panel(index: int, f: Finding) -> Panel:
     return Panel(Group(*parts), title=title, title_align="left", border_style=style, box=box.ASCII)
 
 
-def _bar(log_norm: float, lo: float, hi: float) -> str:
+def _bar(log_norm: float, lo: float, hi: float, width: int = _BAR_WIDTH) -> str:
     if math.isnan(log_norm):
         return ""
     frac = 1.0 if hi <= lo else (log_norm - lo) / (hi - lo)
-    cells = frac * _BAR_WIDTH
+    cells = frac * width
     full = int(cells)
     return "█" * full + ("▌" if cells - full >= 0.5 else "") or "▏"
 
 
-def _sparkline(values: list[float]) -> str:
+def _sparkline(values: list[float], width: int = _SPARK_WIDTH) -> str:
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         return ""
-    if len(values) > _SPARK_WIDTH:  # average neighbouring bins down to the width
-        step = len(values) / _SPARK_WIDTH
-        chunks = [values[int(i * step) : int((i + 1) * step)] for i in range(_SPARK_WIDTH)]
+    if len(values) > width:  # average neighbouring bins down to the width
+        step = len(values) / width
+        chunks = [values[int(i * step) : int((i + 1) * step)] for i in range(width)]
         values = [
             sum(c) / len(c) if (c := [v for v in chunk if not math.isnan(v)]) else math.nan
             for chunk in chunks
@@ -131,7 +141,95 @@ def _sparkline(values: list[float]) -> str:
     return "".join(out)
 
 
-def _layer_table(report: Report) -> Table:
+def _candidates(name: str, width: int) -> list[str]:
+    """Shortenings of ``name`` to at most ``width`` cells, most readable first: whole
+    segments at both ends (``transformer.h.0.…c_attn``), then the longest head of whole
+    segments with as much tail as fits, then any cut of the characters."""
+    parts = [p for p in _SEPARATOR.split(name) if p]
+    out: list[str] = []
+    for m in range(1, len(parts)):
+        tail = "".join(parts[-m:])
+        room = width - 1 - len(tail)
+        head = ""
+        for part in parts[:-m]:
+            if len(head) + len(part) > room:
+                break
+            head += part
+        if head:
+            out.append(head + ELLIPSIS + tail)
+    heads = [len("".join(parts[:k])) for k in range(len(parts) - 1, 0, -1)]
+    out.extend(name[:h] + ELLIPSIS + name[-(width - 1 - h) :] for h in heads if 1 <= h <= width - 5)
+    out.extend(name[:h] + ELLIPSIS + name[-(width - 1 - h) :] for h in range(width - 2, 0, -1))
+    return list(dict.fromkeys(out))
+
+
+def _collisions(shown: Sequence[str], names: Sequence[str]) -> list[list[int]]:
+    by_text: dict[str, list[int]] = {}
+    for i, text in enumerate(shown):
+        by_text.setdefault(text, []).append(i)
+    return [rows for rows in by_text.values() if len({names[i] for i in rows}) > 1]
+
+
+def elide_names(names: Sequence[str], width: int) -> tuple[list[str], bool]:
+    """``names`` cut in the middle to at most ``width`` cells each, every different name
+    still shown differently where a single cut allows it.
+
+    Returns:
+        the shown names, and whether they are all distinct.
+
+    Example:
+        >>> elide_names(["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"], 24)
+        (['transformer.h.0.…c_attn', 'transformer.h.0.…c_proj'], True)
+    """
+    options = [_candidates(n, width) if len(n) > width else [n] for n in names]
+    choice = [0] * len(names)
+    while True:
+        shown = [opts[c] for opts, c in zip(options, choice, strict=True)]
+        clashes = _collisions(shown, names)
+        if not clashes:
+            return shown, True
+        moved = False
+        for rows in clashes:
+            for i in rows:
+                if choice[i] + 1 < len(options[i]):
+                    choice[i] += 1
+                    moved = True
+        if not moved:
+            return shown, False
+
+
+class _LayerTable:
+    """The per-layer table, laid out for the width it is rendered at: names get the
+    room the other columns leave and are cut in the middle so rows stay distinct."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield _layer_table(self.report, options.max_width)
+
+
+def _shown_rows(report: Report) -> list[int | None]:
+    """Indices of the layers the table shows (``None``: the "... more" row)."""
+    n = len(report.layers)
+    if n <= _MAX_TABLE_ROWS:
+        return list(range(n))
+    half = _MAX_TABLE_ROWS // 2
+    return [*range(half), None, *range(n - half, n)]
+
+
+def _layout(names: list[str], total_width: int) -> tuple[list[str], int, int]:
+    """The shown names and the widths of the flow bar and the sparkline."""
+    for bar, spark in ((_BAR_WIDTH, _SPARK_WIDTH), (_COMPACT_WIDTH, _COMPACT_WIDTH)):
+        room = total_width - _FIXED_COLUMNS - bar - spark
+        width = max(_MIN_NAME_WIDTH, min(_MAX_NAME_WIDTH, room))
+        shown, distinct = elide_names(names, width)
+        if distinct:
+            return shown, bar, spark
+    return shown, _COMPACT_WIDTH, _COMPACT_WIDTH
+
+
+def _layer_table(report: Report, total_width: int = 80) -> Table:
     flagged: dict[str, str] = {}
     for f in report.findings:
         for layer in f.layers:
@@ -142,31 +240,31 @@ def _layer_table(report: Report) -> Table:
     finite = [v for v in logs if not math.isnan(v)]
     lo, hi = (min(finite) - 0.5, max(finite)) if finite else (0.0, 0.0)
     col = {name: i for i, name in enumerate(report.flow.layers)}
+    rows = _shown_rows(report)
+    hidden = len(report.layers) - sum(r is not None for r in rows)
+    shown, bar_width, spark_width = _layout(
+        [report.layers[r].name for r in rows if r is not None], total_width
+    )
+    labels = iter(shown)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, expand=False, show_edge=False)
-    table.add_column("layer", overflow="ellipsis", no_wrap=True, max_width=24)
+    table.add_column("layer", overflow="ellipsis", no_wrap=True)
     table.add_column("|g| typ", justify="right", no_wrap=True)
-    table.add_column("flow (log)", no_wrap=True, min_width=_BAR_WIDTH)
-    table.add_column("over run", no_wrap=True, min_width=_SPARK_WIDTH)
+    table.add_column("flow (log)", no_wrap=True, min_width=bar_width)
+    table.add_column("over run", no_wrap=True, min_width=spark_width)
     table.add_column("zeros", justify="right", no_wrap=True)
     table.add_column("", no_wrap=True)
-    pairs = list(zip(report.layers, logs, strict=True))
-    hidden = max(0, len(pairs) - _MAX_TABLE_ROWS)
-    rows: list[tuple[LayerSummary, float] | None] = list(pairs)
-    if hidden:
-        half = _MAX_TABLE_ROWS // 2
-        rows = [*pairs[:half], None, *pairs[-half:]]
-    for row in rows:
-        if row is None:
+    for r in rows:
+        if r is None:
             table.add_row(f"... {hidden} more", "", "", "", "", "")
             continue
-        ls, log_norm = row
+        ls = report.layers[r]
         c = col.get(ls.name)
-        history = [r[c] for r in report.flow.log10_norm] if c is not None else []
+        history = [row[c] for row in report.flow.log10_norm] if c is not None else []
         table.add_row(
-            ls.name,
+            next(labels),
             fmt(ls.typical_norm),
-            _bar(log_norm, lo, hi),
-            _sparkline(history),
+            _bar(logs[r], lo, hi, bar_width),
+            _sparkline(history, spark_width),
             f"{ls.zero_frac:.0%}",
             flagged.get(ls.name, ""),
         )
@@ -181,7 +279,7 @@ def render_report(report: Report) -> Iterator[RenderableType]:
     if report.layers:
         yield Group(
             Text("Gradient norm per layer, first to last (* warning, ! error):", style="bold"),
-            _layer_table(report),
+            _LayerTable(report),
         )
     for note in report.notes:
         yield Text(f"note: {note}", style="dim")

@@ -71,6 +71,8 @@ class Report:
             why monitoring stopped.
         stopped_at: the step at which an internal error switched monitoring off, or
             ``None`` when it watched to the end. Nothing after it was judged.
+        framework: ``"torch"`` or ``"keras"``, the framework of the run, whose spelling
+            the fixes use; ``None`` for a framework-free run (fixes show both).
     """
 
     findings: tuple[Finding, ...] = ()
@@ -82,6 +84,7 @@ class Report:
     notes: tuple[str, ...] = ()
     stopped_at: int | None = None
     schema_version: int = SCHEMA_VERSION
+    framework: str | None = None
 
     def __eq__(self, other: object) -> bool:
         # Field by field, except that NaN equals NaN: a report holding a NaN (a layer
@@ -116,8 +119,10 @@ class Report:
         """A JSON-safe dict (non-finite floats become the strings ``"NaN"``, ``"Infinity"``,
         ``"-Infinity"``), with ``schema_version``."""
         raw = asdict(self)
+        # A fix is saved as the text it shows: its per-framework spellings stay behind.
         raw["findings"] = [
-            {**asdict(f), "fixes": [asdict(x) for x in f.fixes]} for f in self.findings
+            {**asdict(f), "fixes": [{"id": x.id, "text": x.text} for x in f.fixes]}
+            for f in self.findings
         ]
         encoded: dict[str, Any] = _encode(raw)
         return encoded
@@ -193,6 +198,7 @@ class Report:
             notes=_strs(d["notes"]),
             stopped_at=None if d.get("stopped_at") is None else _int(d["stopped_at"]),
             schema_version=int(d["schema_version"]),
+            framework=None if d.get("framework") is None else _str(d["framework"]),
         )
 
     @classmethod
@@ -249,7 +255,7 @@ def _encode(value: Any) -> Any:
 
 _REPORT_KEYS = frozenset(
     ("findings", "layers", "first_step", "last_step", "steps_observed", "flow", "notes")
-) | {"stopped_at", "schema_version"}
+) | {"stopped_at", "schema_version", "framework"}
 _FINDING_KEYS = frozenset(
     ("rule", "severity", "layers", "first_step", "last_step", "message", "evidence", "fixes")
 )

@@ -140,6 +140,15 @@ def window_median(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def nanmax(values: np.ndarray) -> float:
+    """The largest non-NaN entry; NaN when there is none. ``np.nanmax`` warns
+    ("All-NaN slice encountered") on an all-NaN input, and no numpy warning may
+    reach the user."""
+    values = np.asarray(values, dtype=np.float64)
+    present = values[~np.isnan(values)]
+    return float(present.max()) if present.size else math.nan
+
+
 def recent_rows(steps: np.ndarray, window: int, at_least: int) -> slice:
     """The rows of a view that cover its newest ``window`` *steps*, but at least
     ``at_least`` rows. With sparse sampling (e.g. every 10th step after the dense

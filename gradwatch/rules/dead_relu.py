@@ -14,6 +14,7 @@ from gradwatch.rules.base import (
     Symptom,
     format_layers,
     hidden_columns,
+    nanmax,
     sampled_median,
     window_median,
 )
@@ -78,7 +79,7 @@ class DeadRelu(Rule):
         if hit.size == 0:
             return None
         layers = tuple(view.columns[cols[i]] for i in hit)
-        worst = float(np.nanmax(median[hit]))
+        worst = float(nanmax(median[hit]))
         inactive = sampled_median(
             ctx, cols, "inactive", self.window, self.min_samples, self.sparse_rows
         )
@@ -87,7 +88,7 @@ class DeadRelu(Rule):
             "layers_dead": float(hit.size),
             "relu_layers": float(len(cols)),
             "inactive_output_fraction": (
-                float(np.nanmax(inactive)) if inactive is not None else float("nan")
+                float(nanmax(inactive)) if inactive is not None else float("nan")
             ),
         }
         message = (
@@ -112,7 +113,7 @@ class DeadRelu(Rule):
         if hit.size == 0:
             return None
         layers = tuple(view.columns[i] for i in hit)
-        worst = float(np.nanmax(zero[hit]))
+        worst = float(nanmax(zero[hit]))
         evidence = {"zero_gradient_fraction": worst, "layers_dead": float(hit.size)}
         message = (
             f"{worst:.0%} of the gradient entries of {format_layers(layers)} are exactly "
@@ -128,7 +129,7 @@ class DeadRelu(Rule):
             baseline is not None
             and baseline > 0
             and totals.size > 0
-            and bool(np.nanmax(totals) > 10 * baseline)
+            and bool(nanmax(totals) > 10 * baseline)
         )
         if spike:
             # Units died after a gradient spike: a too-large step knocked them out.

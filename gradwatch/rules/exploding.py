@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch.fixes import clipping_fix, fixes
-from gradwatch.rules.base import Rule, RuleContext, Symptom, format_layers, window_median
+from gradwatch.rules.base import Rule, RuleContext, Symptom, format_layers, nanmax, window_median
 
 # The usual default max-norm (fairseq, HF Trainer) when the run offers nothing to calibrate on.
 _DEFAULT_MAX_NORM = 1.0
@@ -133,7 +133,7 @@ class ExplodingGradient(Rule):
             "norm_spike": spike,
             "grad_to_weight_ratio": relative,
             "total_norm": latest,
-            "max_layer_norm": float(np.nanmax(norm[live])) if live.size else math.nan,
+            "max_layer_norm": float(nanmax(norm[live])) if live.size else math.nan,
         }
         # Huge from the very first steps or amplified layer after layer: the
         # initialization is the cause, and the first steps are no healthy scale to

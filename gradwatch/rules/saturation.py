@@ -14,6 +14,7 @@ from gradwatch.rules.base import (
     Symptom,
     format_layers,
     hidden_columns,
+    nanmax,
     sampled_median,
 )
 
@@ -66,7 +67,7 @@ class Saturation(Rule):
         if hit.size == 0:
             return None
         layers = tuple(view.columns[cols[i]] for i in hit)
-        worst = float(np.nanmax(median[hit]))
+        worst = float(nanmax(median[hit]))
         evidence = {
             "tail_fraction": worst,
             "layers_saturated": float(hit.size),
@@ -80,7 +81,7 @@ class Saturation(Rule):
         # Strongest at the first layer and far less after it: the raw inputs are too large.
         rest = median[1:]
         input_driven = median[0] > self.tail_fraction and (
-            rest.size == 0 or bool(np.nanmax(rest) < 0.5 * median[0])
+            rest.size == 0 or bool(nanmax(rest) < 0.5 * median[0])
         )
         if input_driven:
             ranked = fixes("normalize_inputs", "xavier_init", "batch_norm")

@@ -260,3 +260,27 @@ def test_a_monitor_whose_adapter_failed_marks_the_report_stopped():
     report = m.report()
     assert report.stopped_at == 4 and not report.healthy
     assert any("adapter bug" in note for note in report.notes)
+
+
+# --- numbers at the edges of float64 ----------------------------------------------------
+
+
+def test_host_reductions_are_right_for_complex_huge_and_subnormal_gradients():
+    import warnings
+
+    import numpy as np
+
+    from gradwatch.reduce import grad_stats_from_array
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or complex-cast warning escapes
+        assert grad_stats_from_array(np.array([3 + 4j, 0]))[0] == pytest.approx(5.0)
+        norm, peak, *_ = grad_stats_from_array(np.array([1e200, 1e200]))
+        assert norm == pytest.approx(np.sqrt(2) * 1e200) and peak == 1e200
+        tiny = np.array([1e-310, 1e-310])
+        assert grad_stats_from_array(tiny)[0] == pytest.approx(np.sqrt(2) * 1e-310, rel=1e-6)
+        an = Analyzer(strict=True)
+        an.observe(0, grads={"a.w": np.array([1e200]), "a.b": np.array([1e200])})
+        (layer,) = an.report().layers
+    assert layer.typical_norm == pytest.approx(np.sqrt(2) * 1e200)
+    assert layer.nonfinite == 0
