@@ -398,6 +398,11 @@ class Analyzer:
         found = [ep.finding for ep in self._episodes.values() if ep.finding is not None]
         return sorted(found, key=lambda f: (-SEVERITY_RANK[f.severity], order[f.rule]))
 
+    @property
+    def open_rules(self) -> frozenset[str]:
+        """Ids of the rules whose finding is open now: the symptom still holds."""
+        return frozenset(rule for rule, ep in self._episodes.items() if ep.active)
+
     def report(self) -> Report:
         """The report of everything observed so far (also valid mid-run)."""
         layers = self._layer_summaries()

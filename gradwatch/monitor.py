@@ -205,9 +205,7 @@ class Monitor:
         return tuple(sink for sink, guard in self._sinks if guard.enabled)
 
     def _open_rules(self) -> set[str]:
-        # An episode is open while its rule still sees the symptom.
-        episodes = getattr(self.analyzer, "_episodes", {})
-        return {rule for rule, ep in episodes.items() if getattr(ep, "active", False)}
+        return set(self.analyzer.open_rules)
 
     def _log(self, batch: Sequence[StepStats]) -> None:
         live = [(sink, guard) for sink, guard in self._sinks if guard.enabled]
