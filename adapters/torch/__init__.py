@@ -8,15 +8,17 @@ are copied to the host in one transfer every ``flush_every`` steps.
 One module per part, each owning its state; :class:`TorchWatch` composes them:
 
 * ``watch``: :func:`watch`, :class:`TorchWatch`, the default schedules;
-* ``clock``: when a step ends (optimizer step, backward pass, or ``gw.step()``), and
-  steps a ``GradScaler`` skipped;
+* ``clock``: when a step ends (optimizer step, ``step(closure)``, backward pass, or
+  ``gw.step()``), steps a ``GradScaler`` skipped, and parameters that changed;
 * ``grads``: the watched parameters and their fused gradient reductions;
 * ``activations``: activation sites, hooks and probes, attached only on sampled steps;
 * ``flush``: the steps waiting on the device and the one host transfer;
 * ``reductions``: the device reductions themselves; ``scratch``: their reused buffers;
   ``native``: their one-pass C kernels on CPU float32, built on first use;
   ``sharded``: FSDP2 / DTensor shards combined across ranks;
-* ``gate``, ``wrappers``: when hooks run; DDP / torch.compile names.
+* ``gate``: when hooks run, and module hooks that copies and pickles leave out;
+* ``wrappers``: DDP / torch.compile names; the optimizer under accelerate / Lightning
+  wrappers.
 
 Example:
     >>> import torch, gradwatch

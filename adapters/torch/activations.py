@@ -3,7 +3,11 @@
 It owns the activation sites (activation modules, and functional activations that
 modules call through an attribute such as ``nn.TransformerEncoderLayer.activation``),
 the forward hooks and functional probes, which live only while a step is sampled, and
-the device reductions of the outputs seen at the current step.
+the device reductions of the outputs seen at the current step. Only training forwards
+count: a module in ``eval()`` mode or a forward under ``torch.no_grad()`` (a validation
+pass) is never observed, through a module hook or a functional probe alike. Copies and
+pickles of the model carry neither (:func:`.gate.register_module_hook`; a probe pickles
+as the function it stands in for), so a copy's forwards never feed the watch.
 
 Example:
     >>> import torch
@@ -16,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import functools
 import weakref
 from collections.abc import Callable
@@ -24,7 +29,7 @@ from typing import Any
 
 import torch
 from gradwatch.adapters.torch.flush import PendingStep
-from gradwatch.adapters.torch.gate import HookGate
+from gradwatch.adapters.torch.gate import HookGate, register_module_hook
 from gradwatch.adapters.torch.reductions import activation_reductions_on_device, unit_axis_of
 from gradwatch.adapters.torch.wrappers import strip_wrapper_prefixes
 from torch import nn
@@ -48,23 +53,28 @@ class _ActivationSite:
 
 class _FunctionalProbe:
     """Stands in for a functional activation attribute (``layer.activation = F.relu``)
-    while watched; calls the original and reports its output. Pickles as the original."""
+    while watched; calls the original and reports its output with the owning module's
+    training flag. Pickles and copies as the original, with no reference to gradwatch."""
 
-    def __init__(self, fn: Callable[..., Any], report: Callable[[Any], None]) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        report: Callable[[bool, Any], None],
+        owner: weakref.ref[nn.Module],
+    ) -> None:
         self.fn = fn
         self.report = report
+        self.owner = owner
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.fn(*args, **kwargs)
-        self.report(out)
+        owner = self.owner()
+        self.report(owner is not None and owner.training, out)
         return out
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_identity, (self.fn,))
-
-
-def _identity(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return fn
+        # copy.copy returns a function itself: the copy holds the original activation.
+        return (copy.copy, (self.fn,))
 
 
 class ActivationCapture:
@@ -96,7 +106,12 @@ class ActivationCapture:
         self._output_names: set[str] = set()
 
     def find_sites(self, root: nn.Module, note: Callable[[str], None]) -> bool:
-        """Find the activation sites under ``root`` (once); ``note`` says if none is."""
+        """Find the activation sites under ``root`` (again, when the watch finds the
+        parameters again); ``note`` says if there is none."""
+        self._set_sampling(False)
+        self._module_sites.clear()
+        self._functional_sites.clear()
+        self.active = False
         for raw_name, module in root.named_modules():
             name = strip_wrapper_prefixes(raw_name) or type(module).__name__.lower()
             cls = type(module).__name__
@@ -125,7 +140,9 @@ class ActivationCapture:
         return True
 
     def begin_step(self, step: int) -> None:
-        """Attach the hooks if ``step`` is sampled, else detach them."""
+        """Attach the hooks if ``step`` is sampled, else detach them. What a closure's
+        later calls (LBFGS's line search) recorded after the step ended is dropped."""
+        self._step_acts = {}
         self._set_sampling(self.active and bool(self._schedule(step)))
 
     def drain_into(self, pending: PendingStep) -> None:
@@ -172,16 +189,16 @@ class ActivationCapture:
             module = module_ref()
             if module is not None:
                 hook = gate.hook(functools.partial(self._on_module_output, site))
-                self._handles.append(module.register_forward_hook(hook))
+                self._handles.append(register_module_hook(module, hook))
         for module_ref, attr, fn, site in self._functional_sites:
             module = module_ref()
             if module is not None and module.__dict__.get(attr) is fn:
-                report = gate.hook(functools.partial(self._on_activation, site, True))
-                module.__dict__[attr] = _FunctionalProbe(fn, report)
+                report = gate.hook(functools.partial(self._on_activation, site))
+                module.__dict__[attr] = _FunctionalProbe(fn, report, module_ref)
                 self._probes.append((module, attr, fn))
         pre_hook = gate.hook(self._on_root_forward_pre, guarded=False)
-        self._handles.append(root.register_forward_pre_hook(pre_hook))
-        self._handles.append(root.register_forward_hook(gate.hook(self._on_root_output)))
+        self._handles.append(register_module_hook(root, pre_hook, pre=True))
+        self._handles.append(register_module_hook(root, gate.hook(self._on_root_output)))
 
     # --- hook bodies: the hooks live only while a step is sampled, so they need no
     # schedule check; _on_activation keeps one for a functional probe that a model kept

@@ -4,24 +4,34 @@ What one "step" is:
 
 * with an ``optimizer``: one real ``optimizer.step()`` (a step pre-hook), so gradient
   accumulation is finished and a ``torch.amp.GradScaler`` has unscaled the gradients.
-  A step the scaler skips because of Inf/NaN never calls ``optimizer.step()``; it is
-  noticed when the next backward pass starts on gradients that were discarded
-  (``zero_grad()``, set to ``None``) without an optimizer step, and reported as skipped;
+  ``optimizer.step(closure)`` computes its gradients inside the closure, after the pre-hook:
+  the closure is wrapped for that call and the step ends when it first returns (for
+  LBFGS, the gradient at the point the step starts from; later closure calls are its line
+  search), the count advancing after the step (a post-hook). A step the scaler skips for
+  Inf/NaN never calls ``optimizer.step()``: with the ``scaler`` known, a skip is recorded
+  when ``scaler.step()`` ran (its per-optimizer state says so) and the optimizer did not.
+  Without a scaler no step is ever called skipped: gradients a loop throws away with
+  ``zero_grad()`` (a GAN's discriminator after the generator's step) are not a skip;
 * without one: one finished backward pass (a callback queued on the autograd engine when
   the first gradient of the pass is ready), or each :meth:`StepClock.manual_step` call
   once the loop starts marking steps by hand.
 
 The clock owns the step count, the gradient hooks that see a backward pass begin and the
-optimizer hook. It computes nothing: it calls the watch back at each step.
+optimizer hooks; and it notices when the parameters change (``add_param_group``, a
+``to_empty()`` after meta-device init) and asks the watch to find them again. It computes
+nothing: it calls the watch back at each step.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from gradwatch.adapters.torch.gate import HookGate
+from gradwatch.adapters.torch.gate import HookGate, register_module_hook
+from torch import nn
+from torch.amp.grad_scaler import OptState
 
 
 class StepClock:
@@ -31,11 +41,16 @@ class StepClock:
         params: the watched parameters, in model order.
         optimizer: its step pre-hook ends a step; ``None`` to count backward passes.
         gate: runs the hooks only while monitoring is on, inside its guard.
+        root: the watched module (a forward pre-hook finds its parameters again once
+            meta-device parameters were replaced).
+        scaler: the ``torch.amp.GradScaler`` that steps ``optimizer``, or ``None``.
         on_step: ``step -> None``, at the end of each step, before the count advances.
-        on_skipped: ``step -> None``, for a step the optimizer skipped (AMP overflow).
+        on_skipped: ``step -> None``, for a step the scaler skipped (AMP overflow).
         on_advance: ``next_step -> None``, once the count has advanced.
         on_idle_step: ``step -> bool``, at an optimizer step while monitoring is off;
             ``True`` counts the step.
+        on_params_changed: ``() -> None``, when the parameters may have changed: the watch
+            finds them again and calls :meth:`set_params`.
     """
 
     def __init__(
@@ -44,34 +59,65 @@ class StepClock:
         optimizer: torch.optim.Optimizer | None,
         gate: HookGate,
         *,
+        root: nn.Module,
+        scaler: torch.amp.GradScaler | None,
         on_step: Callable[[int], None],
         on_skipped: Callable[[int], None],
         on_advance: Callable[[int], None],
         on_idle_step: Callable[[int], bool],
+        on_params_changed: Callable[[], None],
     ) -> None:
         self.step_count = 0
-        self._params = list(params)
         self._gate = gate
         self._on_step = on_step
         self._on_skipped = on_skipped
         self._on_advance = on_advance
         self._on_idle_step = on_idle_step
-        self._has_optimizer = optimizer is not None
+        self._on_params_changed = on_params_changed
+        self._optimizer = optimizer
+        self._scaler = scaler
         self._manual = False
         self._in_backward = False
-        self._backwards_since_step = 0
-        self._hooked: set[int] = set()
+        self._stepped = False  # optimizer.step() ran since the scaler state was last seen
+        self._scaler_states: Any = None
+        self._closure_step: _ClosureProbe | None = None
+        self._param_handles: list[Any] = []
         self._handles: list[Any] = []
+        self._meta_handle: Any = None
+        self._root = weakref.ref(root)
         self._grad_ready = gate.hook(self._on_grad_ready, guarded=False)
         self._backward_end = gate.hook(self._end_backward)
-        self.hook_params()
+        self._params: list[torch.Tensor] = []
+        self._hooked: set[int] = set()
+        self._group_sizes = self._optimizer_layout()
+        self.set_params(params)
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._on_optimizer_step))
+            post = gate.hook(self._after_optimizer_step, guarded=False)
+            self._handles.append(optimizer.register_step_post_hook(post))
 
     def manual_step(self) -> None:
         """End a step by hand; from then on backward passes no longer end steps."""
         self._manual = True
         self._end_step()
+
+    def set_params(self, params: Sequence[torch.Tensor]) -> None:
+        """Watch these parameters from now on (hooks on the old ones are removed)."""
+        for handle in self._param_handles:
+            handle.remove()
+        self._param_handles.clear()
+        self._hooked.clear()
+        self._params = list(params)
+        self.hook_params()
+        on_meta = any(p.is_meta for p in self._params)
+        if on_meta and self._meta_handle is None:
+            hook = self._gate.hook(self._on_forward_while_meta, guarded=False)
+            root = self._root()
+            if root is not None:
+                self._meta_handle = register_module_hook(root, hook, pre=True)
+        elif not on_meta and self._meta_handle is not None:
+            self._meta_handle.remove()
+            self._meta_handle = None
 
     def hook_params(self) -> None:
         """Hook the parameters that require gradients and are not hooked yet."""
@@ -79,24 +125,66 @@ class StepClock:
             if index in self._hooked or not param.requires_grad:
                 continue
             self._hooked.add(index)
-            self._handles.append(param.register_hook(self._grad_ready))  # type: ignore[no-untyped-call]
+            self._param_handles.append(param.register_hook(self._grad_ready))  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         """Remove every hook. Idempotent."""
-        for handle in self._handles:
+        for handle in (*self._handles, *self._param_handles):
             handle.remove()
         self._handles.clear()
+        self._param_handles.clear()
+        if self._meta_handle is not None:
+            self._meta_handle.remove()
+            self._meta_handle = None
         self._params = []
 
     # --- hook bodies -----------------------------------------------------------------
 
-    def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._gate.enabled:
-            with self._gate.guard:
-                self.hook_params()  # parameters unfrozen since the last step
-                self._end_step()
-        elif self._on_idle_step(self.step_count):
-            self.step_count += 1
+    def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+        self._stepped = True
+        if not self._gate.enabled:
+            if self._on_idle_step(self.step_count):
+                self.step_count += 1
+            return None
+        with self._gate.guard:
+            layout = self._optimizer_layout()
+            if layout != self._group_sizes:  # add_param_group: find the parameters again
+                self._group_sizes = layout
+                self._on_params_changed()
+            self.hook_params()  # parameters unfrozen since the last step
+            # torch passes the optimizer itself as args[0], then step()'s own arguments.
+            at = 1 if args and args[0] is optimizer else 0
+            closure = kwargs.get("closure") if kwargs else None
+            if closure is None and len(args) > at:
+                closure = args[at]
+            if callable(closure):
+                # The gradients are computed inside the closure: read them after it.
+                probe = _ClosureProbe(closure, self)
+                self._closure_step = probe
+                if kwargs and "closure" in kwargs:
+                    return args, {**kwargs, "closure": probe}
+                return (*args[:at], probe, *args[at + 1 :]), kwargs
+            self._end_step()
+        return None
+
+    def _closure_returned(self) -> None:
+        with self._gate.guard:
+            self._on_step(self.step_count)
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        probe, self._closure_step = self._closure_step, None
+        if probe is None:
+            return
+        with self._gate.guard:
+            if not probe.called:  # an optimizer that never called its closure
+                self._on_step(self.step_count)
+            self._advance()
+
+    def _on_forward_while_meta(self, module: nn.Module, args: Any) -> None:
+        # Only while some watched parameter is on the meta device: to_empty() replaces them.
+        with self._gate.guard:
+            if not any(p.is_meta for _, p in module.named_parameters()):
+                self._on_params_changed()
 
     def _on_grad_ready(self, grad: torch.Tensor) -> None:
         if self._in_backward:
@@ -106,31 +194,60 @@ class StepClock:
 
     def _begin_backward(self) -> None:
         self._in_backward = True
-        if (
-            self._has_optimizer
-            and self._backwards_since_step > 0
-            and all(self._params[i].grad is None for i in self._hooked)
-        ):
-            # Gradients were discarded without optimizer.step(): GradScaler skipped the step.
-            self._on_skipped(self.step_count)
-            self._backwards_since_step = 0
-            self._advance()
+        if self._scaler is not None:
+            self._check_skipped_by_scaler()
         torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
+
+    def _check_skipped_by_scaler(self) -> None:
+        """A skip is ``scaler.step(optimizer)`` without ``optimizer.step()``: seen once
+        ``scaler.update()`` has replaced the scaler's per-optimizer state (no tensor read)."""
+        # A disabled scaler never has the state (and never skips).
+        states = getattr(self._scaler, "_per_optimizer_states", None)
+        seen, self._scaler_states = self._scaler_states, states
+        if seen is None or states is None or seen is states:
+            return
+        stepped, self._stepped = self._stepped, False
+        state = seen.get(id(self._optimizer))
+        if not stepped and state is not None and state.get("stage") is OptState.STEPPED:
+            self._on_skipped(self.step_count)
+            self._advance()
 
     def _end_backward(self) -> None:
         self._in_backward = False
-        self._backwards_since_step += 1
-        if not self._has_optimizer and not self._manual:
+        if self._optimizer is None and not self._manual:
             self._end_step()
 
     def _end_step(self) -> None:
-        self._backwards_since_step = 0
         self._on_step(self.step_count)
         self._advance()
 
     def _advance(self) -> None:
         self.step_count += 1
         self._on_advance(self.step_count)
+
+    def _optimizer_layout(self) -> tuple[int, ...]:
+        """Parameters per optimizer group: a cheap test for ``add_param_group``."""
+        if self._optimizer is None:
+            return ()
+        return tuple(len(group["params"]) for group in self._optimizer.param_groups)
+
+
+class _ClosureProbe:
+    """Stands in for the closure of one ``optimizer.step(closure)`` call: calls it, and
+    ends the step when it first returns, with the gradients it computed."""
+
+    def __init__(self, closure: Callable[..., Any], clock: StepClock) -> None:
+        self.closure = closure
+        self.clock = clock
+        self.called = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.closure(*args, **kwargs)
+        if not self.called:
+            self.called = True
+            if self.clock._gate.enabled:
+                self.clock._closure_returned()
+        return result
 
 
 __all__ = ["StepClock"]

@@ -9,7 +9,12 @@
  * compiler vectorises them without -ffast-math (which would break NaN handling).
  * Floats are summed per BLOCK in float32 lanes, then into doubles: float32 speed with
  * a relative rounding error below 1e-6 (tests/torch/test_cpu_native.py, 3M entries).
+ * Where float32 squares would overflow (max |x| above 2^60) or turn subnormal (below
+ * 2^-40), the squares are summed again on x times a power of two (exact), so norms
+ * of 1e30 or 1e-40 entries are right; ordinary gradients never take that second pass.
  */
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +34,41 @@ static float float_of(uint32_t b) {
     float v;
     memcpy(&v, &b, sizeof v);
     return v;
+}
+
+/* Whether float32 lane sums of squares of entries up to mx (finite) could overflow
+ * (a lane adds BLOCK / LANES = 256 squares) or lose precision to subnormal squares. */
+static int needs_rescale(float mx) {
+    return mx > 0x1p60f ? mx <= FLT_MAX : (mx > 0.0f && mx < 0x1p-40f);
+}
+
+/* A power of two s with mx * s in [0.5, 4) (s stays a normal float). */
+static float pow2_scale(float mx) {
+    int32_t e = 253 - (int32_t)(bits_of(mx) >> 23); /* mx >= 0: no sign bit */
+    e = e < 1 ? 1 : (e > 254 ? 254 : e);
+    return float_of((uint32_t)e << 23);
+}
+
+/* Sum of squares of x, on x * s (s a power of two, so the scaling is exact). */
+static double scaled_squares(const float *x, int64_t n, float s) {
+    double total = 0.0;
+    int64_t i = 0;
+    while (i < n) {
+        int64_t end = (n - i > BLOCK) ? i + BLOCK : n;
+        float acc[LANES] = {0};
+        for (; i + LANES <= end; i += LANES) {
+            for (int k = 0; k < LANES; k++) {
+                float a = x[i + k] * s;
+                acc[k] += a * a;
+            }
+        }
+        for (; i < end; i++) {
+            float a = x[i] * s;
+            acc[0] += a * a;
+        }
+        for (int k = 0; k < LANES; k++) total += acc[k];
+    }
+    return total / ((double)s * (double)s);
 }
 
 /* Sum of squares, max |x|, sum |x|, non-zero entries and non-finite entries of x.
@@ -76,6 +116,7 @@ static void stats_one(const float *x, int64_t n, double *squares, float *max_abs
             mx = s_mx[k] > mx ? s_mx[k] : mx;
         }
     }
+    if (nan + inf == 0 && needs_rescale(mx)) sq = scaled_squares(x, n, pow2_scale(mx));
     *squares = sq;
     *max_abs = nan ? float_of(0x7fc00000u) : (inf ? float_of(INF_BITS) : mx);
     *sum_abs = ab;
@@ -84,7 +125,7 @@ static void stats_one(const float *x, int64_t n, double *squares, float *max_abs
 }
 
 /* For each of `count` contiguous float32 tensors, the rows of grad_stats_on_device:
- * out[0*count + t] = L2 norm (without the square root), out[1*count + t] = max |x|,
+ * out[0*count + t] = L2 norm (the root taken in double), out[1*count + t] = max |x|,
  * out[2*count + t] = sum |x|, out[3*count + t] = non-zero, out[4*count + t] =
  * non-finite entries. `out` holds 5 * count floats. */
 void gw_grad_stats_f32(int64_t count, const uintptr_t *ptrs, const int64_t *numels,
@@ -94,7 +135,7 @@ void gw_grad_stats_f32(int64_t count, const uintptr_t *ptrs, const int64_t *nume
         float mx;
         int64_t nz, nf;
         stats_one((const float *)ptrs[t], numels[t], &sq, &mx, &ab, &nz, &nf);
-        out[t] = (float)sq;
+        out[t] = (float)sqrt(sq);
         out[count + t] = mx;
         out[2 * count + t] = (float)ab;
         out[3 * count + t] = (float)nz;
@@ -102,22 +143,37 @@ void gw_grad_stats_f32(int64_t count, const uintptr_t *ptrs, const int64_t *nume
     }
 }
 
-/* Sum of squares of each of `count` contiguous float32 tensors, into out[t]. */
+/* Sum of squares of each of `count` contiguous float32 tensors, into out[t] (double:
+ * squares of float32 entries neither overflow nor underflow there). */
 void gw_sum_squares_f32(int64_t count, const uintptr_t *ptrs, const int64_t *numels,
-                        float *out) {
+                        double *out) {
     for (int64_t t = 0; t < count; t++) {
         const float *x = (const float *)ptrs[t];
         int64_t n = numels[t], i = 0;
         double total = 0.0;
+        float mx = 0.0f;
         while (i < n) {
             int64_t end = (n - i > BLOCK) ? i + BLOCK : n;
-            float s[LANES] = {0};
-            for (; i + LANES <= end; i += LANES)
-                for (int k = 0; k < LANES; k++) s[k] += x[i + k] * x[i + k];
-            for (; i < end; i++) s[0] += x[i] * x[i];
-            for (int k = 0; k < LANES; k++) total += s[k];
+            float s[LANES] = {0}, m[LANES] = {0};
+            for (; i + LANES <= end; i += LANES) {
+                for (int k = 0; k < LANES; k++) {
+                    float a = float_of(bits_of(x[i + k]) & ABS_BITS);
+                    s[k] += a * a;
+                    m[k] = a > m[k] ? a : m[k];
+                }
+            }
+            for (; i < end; i++) {
+                float a = float_of(bits_of(x[i]) & ABS_BITS);
+                s[0] += a * a;
+                m[0] = a > m[0] ? a : m[0];
+            }
+            for (int k = 0; k < LANES; k++) {
+                total += s[k];
+                mx = m[k] > mx ? m[k] : mx;
+            }
         }
-        out[t] = (float)total;
+        if (needs_rescale(mx)) total = scaled_squares(x, n, pow2_scale(mx));
+        out[t] = total;
     }
 }
 

@@ -1,6 +1,7 @@
 """Gradient reduction of the PyTorch adapter: :class:`GradReducer`.
 
-It owns the watched parameters and their layer names, the grouping of their gradients
+It owns the watched parameters and their layer names (replaced whole when the watch
+finds them again), the grouping of their gradients
 for fused reductions (one device and dtype, and for sharded gradients one process
 group), and the cached column layout of a step's statistics. Nothing here syncs with
 the host.
@@ -59,10 +60,15 @@ class GradReducer:
     def __init__(
         self, named_params: Sequence[tuple[str, torch.Tensor]], note: Callable[[str], None]
     ) -> None:
-        self.names = [n for n, _ in named_params]
-        self.params: list[torch.Tensor] = [p for _, p in named_params]
         self._note = note
         self._samples = 0  # steps reduced per layer so far
+        self.set_params(named_params)
+
+    def set_params(self, named_params: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Watch these parameters from now on (the pending steps must be flushed first:
+        their columns index the old list)."""
+        self.names = [n for n, _ in named_params]
+        self.params: list[torch.Tensor] = [p for _, p in named_params]
         self._groups_key: tuple[tuple[Any, ...], ...] | None = None
         self._groups: list[_GradGroup] = []
         self._layouts: dict[tuple[int, ...], GradLayout] = {}

@@ -1,9 +1,12 @@
-"""Scratch memory of the device reductions: one reusable buffer per dtype and device,
-cached views of it, and the slicing that keeps a large tensor's pieces in cache.
+"""Scratch memory of the device reductions: reusable buffers per thread, dtype and
+device, cached views of them, and the slicing that keeps a large tensor's pieces in
+cache.
 
 A fresh temporary per tensor costs page faults (~6x the sum itself on CPU, see
 ``_abs_stats`` in :mod:`.reductions`), so every ``|g|``, sign or distance that the
-reductions compute is written into this buffer.
+reductions compute is written into these buffers. They belong to the calling thread:
+two models watched in two threads never write into each other's buffers (each watch
+reduces in the thread that runs its training step).
 
 Example:
     >>> import torch
@@ -14,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -24,23 +28,30 @@ import torch
 CHUNK_NUMEL = 1 << 20
 
 
-def scratch_like(piece: torch.Tensor) -> torch.Tensor:
-    """A contiguous view of the shared scratch buffer shaped like ``piece``."""
-    return scratch_view(piece.shape, piece.dtype, piece.device)
+def scratch_like(
+    piece: torch.Tensor, dtype: torch.dtype | None = None, slot: int = 0
+) -> torch.Tensor:
+    """A contiguous view of this thread's scratch buffer ``slot`` shaped like ``piece``
+    (of ``dtype``, default ``piece``'s: ``|z|`` of a complex tensor is real)."""
+    return scratch_view(piece.shape, dtype or piece.dtype, piece.device, slot)
 
 
-def scratch_view(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A contiguous ``shape`` view of the scratch buffer's first entries. Views are
-    cached: slicing and viewing cost ~10 us of Python per call, as much as the
-    reduction of a 64K-entry activation."""
-    key = (tuple(shape), dtype, device)
-    view = _SCRATCH_VIEWS.get(key)
+def scratch_view(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: int = 0
+) -> torch.Tensor:
+    """A contiguous ``shape`` view of the first entries of this thread's scratch buffer
+    ``slot`` (two slots: a reduction can hold ``|g|`` and a scaled copy at once).
+    Views are cached: slicing and viewing cost ~10 us of Python per call, as much as
+    the reduction of a 64K-entry activation."""
+    state = _THREAD_SCRATCH
+    key = (tuple(shape), dtype, device, slot)
+    view = state.views.get(key)
     if view is None:
-        if len(_SCRATCH_VIEWS) >= _MAX_SCRATCH_VIEWS:  # e.g. varying sequence lengths
-            _SCRATCH_VIEWS.clear()
+        if len(state.views) >= _MAX_SCRATCH_VIEWS:  # e.g. varying sequence lengths
+            state.views.clear()
         n = math.prod(shape)
-        view = _scratch(n, dtype, device)[:n].view(shape)
-        _SCRATCH_VIEWS[key] = view
+        view = _scratch(state, n, dtype, device, slot)[:n].view(shape)
+        state.views[key] = view
     return view
 
 
@@ -62,20 +73,31 @@ def slices(t: torch.Tensor) -> Iterator[torch.Tensor]:
     yield from torch.split(t, rows)
 
 
-_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-_SCRATCH_VIEWS: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
 _MAX_SCRATCH_VIEWS = 256
 
 
-def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reusable 1-D buffer of at least ``numel`` entries (one per dtype and device).
-    Reuse is safe on a device: kernels on one stream run in issue order."""
-    key = (dtype, device)
-    buffer = _SCRATCH.get(key)
+class _ThreadScratch(threading.local):
+    """One thread's buffers (per dtype, device and slot) and their cached views."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
+        self.views: dict[tuple[tuple[int, ...], torch.dtype, torch.device, int], torch.Tensor] = {}
+
+
+_THREAD_SCRATCH = _ThreadScratch()
+
+
+def _scratch(
+    state: _ThreadScratch, numel: int, dtype: torch.dtype, device: torch.device, slot: int
+) -> torch.Tensor:
+    """A reusable 1-D buffer of at least ``numel`` entries (one per thread, dtype, device
+    and slot). Reuse is safe on a device: kernels on one stream run in issue order."""
+    key = (dtype, device, slot)
+    buffer = state.buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = torch.empty(numel, dtype=dtype, device=device)
-        _SCRATCH[key] = buffer
-        _SCRATCH_VIEWS.clear()  # views of the old buffer would keep it alive
+        state.buffers[key] = buffer
+        state.views.clear()  # views of the old buffer would keep it alive
     return buffer
 
 

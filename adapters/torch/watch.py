@@ -6,8 +6,9 @@
 * :class:`.activations.ActivationCapture`: activation statistics on sampled steps;
 * :class:`.flush.PendingSteps`: the one host transfer every ``flush_every`` steps.
 
-The watch owns only its configuration (the schedules) and its lifetime: one live watch
-per model, ``close()`` and the ``with`` block.
+The watch owns only its configuration (the schedules, checked at ``watch()``), which
+optimizer and parameters it watches (found again when they change), and its lifetime:
+one live watch per model, ``close()`` and the ``with`` block.
 """
 
 from __future__ import annotations
@@ -23,12 +24,18 @@ from gradwatch.adapters.torch.clock import StepClock
 from gradwatch.adapters.torch.flush import PendingStep, PendingSteps
 from gradwatch.adapters.torch.gate import HookGate
 from gradwatch.adapters.torch.grads import GradReducer
-from gradwatch.adapters.torch.native import build_failure, cpu_kernels
-from gradwatch.adapters.torch.wrappers import is_compiled, strip_wrapper_prefixes, unwrap
+from gradwatch.adapters.torch.native import build_failure, build_status
+from gradwatch.adapters.torch.wrappers import (
+    is_compiled,
+    resolve_optimizer,
+    strip_wrapper_prefixes,
+    unwrap,
+    warn_if_lightning,
+)
 from torch import nn
 
 from gradwatch.analyzer import Analyzer
-from gradwatch.config import check_int, check_on_finding, check_schedule
+from gradwatch.config import check_bool, check_int, check_on_finding, check_schedule
 from gradwatch.findings import Finding
 from gradwatch.guard import GradwatchWarning, Guard
 from gradwatch.monitor import Monitor
@@ -86,19 +93,22 @@ class TorchWatch:
         rules: Sequence[Rule] = DEFAULT_RULES,
         strict: bool = False,
         show: bool = True,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(
-                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
-            )
         # Everything is checked before the monitor exists: it registers the at-exit report.
         check_on_finding(on_finding, _ON_FINDING_MODES)
         self._grad_schedule = check_schedule("grad_schedule", grad_schedule)
         activation_schedule = check_schedule("activation_schedule", activation_schedule)
         self._norm_schedule = check_schedule("norm_schedule", norm_schedule)
         self._flush_every = check_int("flush_every", flush_every, minimum=1)
+        activations = check_bool("activations", activations)
+        strict, show = check_bool("strict", strict), check_bool("show", show)
+        root = unwrap(model)
+        named = [(strip_wrapper_prefixes(n), p) for n, p in root.named_parameters()]
+        opt, scaler = resolve_optimizer(optimizer, scaler, [p for _, p in named])
+        warn_if_lightning(model, optimizer)
         self._monitor = Monitor(
             where="torch adapter",
             rules=rules,
@@ -113,23 +123,26 @@ class TorchWatch:
         )
         self._closed = False
         self._model_ref = weakref.ref(model)
+        self._root_ref = weakref.ref(root)
         _replace_live_watch(model, self)
-        root = unwrap(model)
-        named = [(strip_wrapper_prefixes(n), p) for n, p in root.named_parameters()]
         gate = HookGate(self._monitor.guard, lambda: self.enabled)
         self._grads = GradReducer(named, note=self._monitor.note)
         self._pending = PendingSteps(layout=self._grads.layout)
         self._clock = StepClock(
             self._grads.params,
-            optimizer,
+            opt,
             gate,
+            root=root,
+            scaler=scaler,
             on_step=self._on_step,
             on_skipped=self._on_skipped,
             on_advance=self._on_advance,
             on_idle_step=self._on_idle_step,
+            on_params_changed=self._find_params,
         )
         self._acts = ActivationCapture(gate, activation_schedule)
-        if activations and is_compiled(model):
+        self._activations = activations and not is_compiled(model)
+        if activations and not self._activations:
             self._monitor.note(
                 "Activations are not captured on a torch.compile'd model (hooks would break "
                 "its graph); dead_relu and saturation judge gradients only."
@@ -137,12 +150,10 @@ class TorchWatch:
         elif activations:
             self._acts.find_sites(root, note=self._monitor.note)
         self._acts.begin_step(0)
-        if any(p.device.type == "cpu" for p in self._grads.params) and cpu_kernels() is None:
-            # Built here, not on the first sampled step; the fallback is slower, not wrong.
-            self._monitor.note(
-                "CPU statistics use torch ops, about 4x the cost of gradwatch's C kernels, "
-                f"which could not be built ({build_failure()})."
-            )
+        # The C kernels build in the background (torch ops meanwhile: slower, not wrong);
+        # a build that fails is noted at the first flush after it ends.
+        self._kernels_unsettled = any(p.device.type == "cpu" for p in self._grads.params)
+        self._note_kernel_fallback()
 
     # --- public ----------------------------------------------------------------------
 
@@ -263,10 +274,38 @@ class TorchWatch:
                 self._grads.join_collectives(per_layer)
         return True
 
+    def _note_kernel_fallback(self) -> None:
+        status = build_status() if self._kernels_unsettled else "ready"
+        if status == "building":
+            return
+        self._kernels_unsettled = False
+        if status == "unavailable":
+            self._monitor.note(
+                "CPU statistics use torch ops, about 4x the cost of gradwatch's C kernels, "
+                f"which could not be built ({build_failure()})."
+            )
+
     def _flush(self) -> None:
+        self._note_kernel_fallback()
         stats = self._pending.drain(is_output=self._acts.is_output)
         if stats:
             self._monitor.observe(stats)
+
+    def _find_params(self) -> None:
+        """The parameters changed (``add_param_group``, ``to_empty()``): watch the
+        model's current ones, by identity; the pending steps index the old list."""
+        root = self._root_ref()
+        if root is None:
+            return
+        named = [(strip_wrapper_prefixes(n), p) for n, p in root.named_parameters()]
+        if [id(p) for _, p in named] == [id(p) for p in self._grads.params]:
+            return
+        self._flush()
+        self._grads.set_params(named)
+        self._clock.set_params(self._grads.params)
+        if self._activations:
+            self._acts.find_sites(root, note=lambda text: None)
+            self._acts.begin_step(self.step_count)
 
 
 def _replace_live_watch(model: nn.Module, new: TorchWatch) -> None:
@@ -297,6 +336,7 @@ def watch(
     rules: Sequence[Rule] = DEFAULT_RULES,
     strict: bool = False,
     show: bool = True,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> TorchWatch:
     """Watch ``model``'s gradient flow during training; the training loop stays unchanged.
 
@@ -323,9 +363,19 @@ def watch(
             Defaults to ``False``.
         show: print the report from :meth:`TorchWatch.report` and on ``with`` exit.
             Defaults to ``True``.
+        scaler: the ``torch.amp.GradScaler`` that steps ``optimizer``: the steps it
+            skips for Inf/NaN are counted as nonfinite evidence. Defaults to ``None``
+            (the scaler of an accelerate ``AcceleratedOptimizer`` is found by itself;
+            without one, no step is taken for skipped).
+
+    ``optimizer`` may be a wrapper that holds the real optimizer as ``.optimizer``
+    (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``); the real
+    one is watched. Parameters added later (``add_param_group``, ``to_empty()`` after
+    meta-device init) are watched from the step they appear on.
 
     Raises:
-        ValueError: for a bad argument, naming it.
+        ValueError: for a bad argument, naming it; for an optimizer that holds none of
+            the model's parameters.
 
     Example:
         >>> import torch, gradwatch
@@ -348,6 +398,7 @@ def watch(
         rules=rules,
         strict=strict,
         show=show,
+        scaler=scaler,
     )
 
 

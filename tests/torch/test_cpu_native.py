@@ -28,7 +28,7 @@ HAS_COMPILER = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 
 @pytest.fixture
 def kernels() -> cpu_native.CpuKernels:
-    built = cpu_native.cpu_kernels()
+    built = cpu_native.wait_for_kernels()
     if built is None:
         pytest.skip(f"the C kernels cannot be built here: {cpu_native.build_failure()}")
     return built
@@ -38,27 +38,29 @@ def kernels() -> cpu_native.CpuKernels:
 def fresh_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An empty cache directory and a forgotten build, restored afterwards."""
     monkeypatch.setenv(cpu_native.CACHE_ENV, str(tmp_path))
-    cpu_native.cpu_kernels.cache_clear()
+    monkeypatch.delenv(cpu_native.NATIVE_ENV, raising=False)  # also under GRADWATCH_NATIVE=0
+    cpu_native.forget_build()
     yield tmp_path
-    cpu_native.cpu_kernels.cache_clear()
+    cpu_native.forget_build()
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
 def test_kernels_build_where_there_is_a_compiler_and_are_cached(fresh_build: Path) -> None:
-    assert cpu_native.cpu_kernels() is not None, cpu_native.build_failure()
-    built = list(fresh_build.glob("cpu_kernels-*"))
-    assert len(built) == 1
-    mtime = built[0].stat().st_mtime_ns
-    cpu_native.cpu_kernels.cache_clear()
-    assert cpu_native.cpu_kernels() is not None
-    assert [p.stat().st_mtime_ns for p in fresh_build.glob("cpu_kernels-*")] == [mtime]
+    assert cpu_native.wait_for_kernels() is not None, cpu_native.build_failure()
+    built = sorted(fresh_build.iterdir())  # the library and its manifest, no temp file
+    assert sorted(p.suffix for p in built) == [".json", ".so"]
+    mtimes = [p.stat().st_mtime_ns for p in built]
+    cpu_native.forget_build()
+    assert cpu_native.wait_for_kernels() is not None
+    assert [p.stat().st_mtime_ns for p in sorted(fresh_build.iterdir())] == mtimes
 
 
 def test_switched_off_by_environment(fresh_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cpu_native.NATIVE_ENV, "0")
     assert cpu_native.cpu_kernels() is None
     assert cpu_native.build_failure() == "GRADWATCH_NATIVE=0"
-    assert not list(fresh_build.glob("cpu_kernels-*"))
+    assert cpu_native.build_status() == "unavailable"
+    assert not list(fresh_build.iterdir())
 
 
 @pytest.mark.skipif(os.name != "posix", reason="a shell-script compiler")
@@ -69,10 +71,10 @@ def test_a_failing_compiler_falls_back_and_says_why(
     fake.write_text("#!/bin/sh\necho 'broken-cc: internal error' >&2\nexit 1\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("CC", str(fake))
-    assert cpu_native.cpu_kernels() is None
+    assert cpu_native.wait_for_kernels() is None
     assert "broken-cc: internal error" in (cpu_native.build_failure() or "")
-    assert not list(fresh_build.glob("cpu_kernels-*"))  # no half-written library left
-    assert not list(fresh_build.glob("tmp*"))
+    # no half-written library, manifest or temporary file left
+    assert [p.name for p in fresh_build.iterdir()] == ["broken-cc"]
 
 
 def test_watch_notes_the_fallback_and_still_reports(
@@ -104,7 +106,8 @@ def test_grad_stats_of_a_large_tensor_match_float64(kernels: cpu_native.CpuKerne
     g[::7] = 0.0
     out = kernels.grad_stats([g]).double().numpy()[:, 0]
     norm, max_abs, mean_abs, _, nonfinite, _ = grad_stats_from_array(g.double().numpy())
-    assert out[0] == pytest.approx(norm**2, rel=1e-6)
+    assert out[0] == pytest.approx(norm, rel=1e-6)
+    assert kernels.sum_squares([g]).item() == pytest.approx(norm**2, rel=1e-6)
     assert out[1] == max_abs
     assert out[2] == pytest.approx(mean_abs * g.numel(), rel=1e-6)
     assert out[3] == g.numel() - int((g == 0).sum())
@@ -117,7 +120,9 @@ def test_every_tail_length_is_covered(kernels: cpu_native.CpuKernels) -> None:
         g = torch.ones(n)
         g[-1] = 3.0  # the last entry: in the remainder loop whenever there is one
         out = kernels.grad_stats([g]).double().numpy()[:, 0]
-        assert out.tolist()[:5] == [n + 8, 3.0, n + 2, n, 0], n
+        assert out[0] == pytest.approx(math.sqrt(n + 8), rel=1e-7), n
+        assert out.tolist()[1:5] == [3.0, n + 2, n, 0], n
+        assert kernels.sum_squares([g]).tolist() == [n + 8], n
 
 
 def test_per_unit_counts_in_every_layout(kernels: cpu_native.CpuKernels) -> None:

@@ -270,6 +270,14 @@ def test_on_finding_callable_and_ignore() -> None:
         ({"flush_every": 0}, "flush_every"),
         ({"grad_schedule": 10}, "grad_schedule"),
         ({"activation_schedule": "often"}, "activation_schedule"),
+        ({"norm_schedule": 3}, "norm_schedule"),
+        ({"activations": "false"}, "activations"),
+        ({"activations": 0}, "activations"),
+        ({"strict": "no"}, "strict"),
+        ({"show": None}, "show"),
+        ({"flush_every": "20"}, "flush_every"),
+        ({"flush_every": True}, "flush_every"),
+        ({"scaler": "cpu"}, "scaler"),
     ],
 )
 def test_bad_configuration_names_the_parameter(kwargs: dict[str, object], name: str) -> None:

@@ -65,7 +65,7 @@ def test_gradscaler_skipped_steps_are_nonfinite_evidence_and_never_crash() -> No
     model = he_relu_mlp(depth=3, width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = _scaler()
-    gw = _watch(model, opt)
+    gw = _watch(model, opt, scaler=scaler)  # skipped steps are read from the scaler
     seen = record_stats(gw)
     x, y = torch.randn(32, 32), torch.randn(32, 1)
     for step in range(30):

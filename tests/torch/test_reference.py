@@ -20,7 +20,7 @@ from gradwatch.adapters.torch import (  # noqa: E402
     unit_axis_of,
 )
 from gradwatch.adapters.torch import reductions as torch_reductions  # noqa: E402
-from gradwatch.adapters.torch.native import cpu_kernels  # noqa: E402
+from gradwatch.adapters.torch.native import wait_for_kernels  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_helpers import EVERY_STEP, mlp, record_stats  # noqa: E402
 
@@ -34,7 +34,7 @@ def reduction_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     """Runs each test on the C kernels (skipped without a C compiler) and on torch ops."""
     if request.param == "torch_ops":
         monkeypatch.setattr(torch_reductions, "cpu_kernels", lambda: None)
-    elif cpu_kernels() is None:
+    elif wait_for_kernels() is None:
         pytest.skip("the C kernels cannot be built here")
     return str(request.param)
 
