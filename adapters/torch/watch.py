@@ -17,6 +17,7 @@ import contextlib
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from gradwatch.adapters.torch.activations import ActivationCapture
@@ -94,6 +95,7 @@ class TorchWatch:
         strict: bool = False,
         show: bool = True,
         scaler: torch.amp.GradScaler | None = None,
+        log_to: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -120,6 +122,8 @@ class TorchWatch:
             report_at_exit=show,
             rank_zero=_is_rank_zero(),
             before_report=self.flush,
+            log_to=log_to,
+            framework="torch",
         )
         self._closed = False
         self._model_ref = weakref.ref(model)
@@ -337,6 +341,7 @@ def watch(
     strict: bool = False,
     show: bool = True,
     scaler: torch.amp.GradScaler | None = None,
+    log_to: Any = None,
 ) -> TorchWatch:
     """Watch ``model``'s gradient flow during training; the training loop stays unchanged.
 
@@ -367,6 +372,9 @@ def watch(
             skips for Inf/NaN are counted as nonfinite evidence. Defaults to ``None``
             (the scaler of an accelerate ``AcceleratedOptimizer`` is found by itself;
             without one, no step is taken for skipped).
+        log_to: where the per-step numbers also go: a TensorBoard log directory, a
+            ``SummaryWriter``, a wandb run, the ``mlflow`` module or a callable
+            ``(step, {tag: value})``; tags in ``docs/logging.md``. Defaults to ``None``.
 
     ``optimizer`` may be a wrapper that holds the real optimizer as ``.optimizer``
     (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``); the real
@@ -399,6 +407,7 @@ def watch(
         strict=strict,
         show=show,
         scaler=scaler,
+        log_to=log_to,
     )
 
 
