@@ -20,7 +20,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from gradwatch.adapters.torch import (
@@ -38,6 +38,7 @@ from gradwatch.guard import FindingError, GradwatchWarning, Guard
 from gradwatch.report import Report
 from gradwatch.rules import DEFAULT_RULES, Rule
 from gradwatch.schedules import Schedule
+from gradwatch.sinks import Sink, resolve_sink
 
 # The modes TorchWatch implements; a callable receives every new finding.
 ON_FINDING_MODES = ("warn", "raise", "ignore")
@@ -68,6 +69,8 @@ class WatchOptions:
     norm_schedule: Schedule = DEFAULT_NORM_SCHEDULE
     flush_every: int = 20
     verbose: bool = True
+    log_to: Any = None
+    log_to_trainer: bool = True
 
     def __post_init__(self) -> None:
         check_on_finding(self.on_finding, ON_FINDING_MODES)
@@ -84,6 +87,20 @@ class WatchOptions:
         check_schedule("activation_schedule", self.activation_schedule)
         check_schedule("norm_schedule", self.norm_schedule)
         check_int("flush_every", self.flush_every, minimum=1)
+        check_bool("log_to_trainer", self.log_to_trainer)
+        if self.log_to is not None:
+            # The checks the watch's Monitor runs at each fit, run now: a bad target fails
+            # where it is written (TypeError/ValueError naming log_to), never mid-training.
+            # A directory's writer is deferred to its first write, so this opens nothing.
+            resolve_sink(self.log_to, "torch")
+
+    def targets(self, route: Sink | None) -> Any:
+        """What the watch's ``log_to`` gets: the user's targets and the trainer route."""
+        given = self.log_to if isinstance(self.log_to, (list, tuple)) else [self.log_to]
+        targets = [t for t in (*given, route) if t is not None]
+        if not targets:
+            return None
+        return targets[0] if len(targets) == 1 else targets
 
 
 class TrainerRun:
@@ -105,7 +122,9 @@ class TrainerRun:
         """A watch is open (between ``start`` and ``finish``)."""
         return self.watch is not None and not self.watch.closed
 
-    def start(self, model: nn.Module) -> None:
+    def start(self, model: nn.Module, route: Sink | None = None) -> None:
+        """Open a watch over ``model``; ``route`` (the trainer's logger) also receives
+        every flush when the options' ``log_to_trainer`` is on."""
         self.abort()
         self.report = None
         o = self.options
@@ -126,6 +145,7 @@ class TrainerRun:
                 rules=o.rules,
                 strict=o.strict,
                 show=False,
+                log_to=o.targets(route if o.log_to_trainer else None),
             )
             self._marker = marker
 
@@ -153,4 +173,105 @@ class TrainerRun:
             self.finish(show=False)
 
 
-__all__ = ["ON_FINDING_MODES", "StepMarker", "TrainerRun", "WatchOptions"]
+_OPTIONS_DOC = """Args:
+        on_finding: ``"warn"`` (one :class:`~gradwatch.GradwatchWarning` per rule),
+            ``"raise"`` (:class:`~gradwatch.FindingError` stops {training}), ``"ignore"``,
+            or a callable taking each new :class:`~gradwatch.Finding`. Defaults to ``"warn"``.
+        rules: rule instances or built-in rule ids. Defaults to
+            :data:`gradwatch.DEFAULT_RULES`.
+        strict: re-raise internal errors instead of warning once and switching off.
+            Defaults to ``False``.
+        activations: capture activation statistics with forward hooks. Defaults to ``True``.
+        grad_schedule: ``step -> bool``, steps whose gradients are reduced per layer.
+            Defaults to the torch adapter's (every step up to 50, then every 10th).
+        activation_schedule: ``step -> bool`` for activations. Defaults to the torch
+            adapter's.
+        norm_schedule: ``step -> bool``, other steps whose total norm is taken. Defaults
+            to the torch adapter's (every 3rd step).
+        flush_every: steps between host copies; findings appear, and the numbers are
+            logged, at flushes. Defaults to ``20``.
+        verbose: print the report at the end of training. Defaults to ``True``.
+        log_to: where the per-step numbers also go: a TensorBoard log directory (``str``
+            or ``Path``), a ``torch.utils.tensorboard.SummaryWriter``, a wandb run, the
+            ``mlflow`` module, a callable ``(step, {{tag: value}})``, a
+            :class:`~gradwatch.sinks.Sink`, or a list of those; tags in
+            ``docs/logging.md``. Defaults to ``None``: only the trainer's logger.
+        log_to_trainer: also log the numbers through the trainer's own logger:
+            {trainer_logger}.
+            ``False`` keeps them out of it. Defaults to ``True``.
+
+    Attributes:
+        report: the :class:`~gradwatch.Report` of the last {training} (``None`` before
+            one ends).
+        watch: the :class:`~gradwatch.adapters.torch.TorchWatch` of the running
+            {training} (``None`` outside one).
+
+    Raises:
+        ValueError: for a bad argument, naming it.
+        TypeError: for a ``log_to`` target of no known kind, naming ``log_to``."""
+
+
+class WatchingCallback:
+    """The constructor, options and properties both trainer callbacks share.
+
+    A subclass names itself in the class statement: ``where`` (for messages),
+    ``training`` (what ``on_finding="raise"`` stops) and ``trainer_logger`` (where
+    ``log_to_trainer`` sends the numbers); they fill the ``{options}`` line of its
+    docstring with the documented arguments, attributes and errors.
+    """
+
+    _where: ClassVar[str] = "trainer callback"
+
+    def __init_subclass__(
+        cls, *, where: str, training: str, trainer_logger: str, **kwargs: Any
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._where = where
+        options = _OPTIONS_DOC.format(training=training, trainer_logger=trainer_logger)
+        cls.__doc__ = (cls.__doc__ or "").replace("{options}", options)
+
+    def __init__(
+        self,
+        *,
+        on_finding: str | Callable[[Finding], None] = "warn",
+        rules: Sequence[Rule | str] = DEFAULT_RULES,
+        strict: bool = False,
+        activations: bool = True,
+        grad_schedule: Schedule = DEFAULT_GRAD_SCHEDULE,
+        activation_schedule: Schedule = DEFAULT_ACTIVATION_SCHEDULE,
+        norm_schedule: Schedule = DEFAULT_NORM_SCHEDULE,
+        flush_every: int = 20,
+        verbose: bool = True,
+        log_to: Any = None,
+        log_to_trainer: bool = True,
+    ) -> None:
+        """Check every option (``ValueError`` naming it; ``TypeError`` naming ``log_to``
+        for a target of no known kind). The arguments are in the class docstring."""
+        super().__init__()
+        options = WatchOptions(
+            on_finding=on_finding,
+            rules=rules,
+            strict=strict,
+            activations=activations,
+            grad_schedule=grad_schedule,
+            activation_schedule=activation_schedule,
+            norm_schedule=norm_schedule,
+            flush_every=flush_every,
+            verbose=verbose,
+            log_to=log_to,
+            log_to_trainer=log_to_trainer,
+        )
+        self._run = TrainerRun(options, where=self._where)
+
+    @property
+    def report(self) -> Report | None:
+        """The Report of the last training run (``None`` before one ends)."""
+        return self._run.report
+
+    @property
+    def watch(self) -> TorchWatch | None:
+        """The watch of the running training (``None`` outside one)."""
+        return self._run.watch
+
+
+__all__ = ["ON_FINDING_MODES", "StepMarker", "TrainerRun", "WatchOptions", "WatchingCallback"]

@@ -1,59 +1,55 @@
-"""The Lightning callback: :class:`LightningCallback`."""
+"""The Lightning callback: :class:`LightningCallback`, and :class:`LoggersSink`, its route
+to the trainer's loggers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from gradwatch.adapters.torch import (
-    DEFAULT_ACTIVATION_SCHEDULE,
-    DEFAULT_GRAD_SCHEDULE,
-    DEFAULT_NORM_SCHEDULE,
-    TorchWatch,
-)
-from gradwatch.adapters.trainer_run import TrainerRun, WatchOptions
+from gradwatch.adapters.trainer_run import WatchingCallback
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from gradwatch.findings import Finding
-from gradwatch.report import Report
-from gradwatch.rules import DEFAULT_RULES, Rule
-from gradwatch.schedules import Schedule
+from gradwatch.sinks import Batch, Sink
 
 
-class LightningCallback(Callback):
+class LoggersSink(Sink):
+    """A Lightning trainer's loggers (``trainer.loggers``): ``log_metrics(scalars,
+    step=step)`` on each, per step of each flush. The step is the optimizer step, the one
+    Lightning logs ``self.log`` calls of that batch against."""
+
+    def __init__(self, loggers: Sequence[Any]) -> None:
+        self.loggers = tuple(loggers)
+        self.name = "Lightning logger " + ", ".join(type(lg).__name__ for lg in self.loggers)
+
+    def write(self, batch: Batch) -> None:
+        for logger in self.loggers:
+            for step, scalars in batch:
+                logger.log_metrics(dict(scalars), step=step)
+
+
+class LightningCallback(
+    WatchingCallback,
+    Callback,
+    where="Lightning callback",
+    training="``fit``",
+    trainer_logger="``log_metrics`` of each of ``trainer.loggers``, on global rank zero",
+):
     """Watches the gradient flow of a ``LightningModule`` during ``trainer.fit``.
 
     A step is one optimizer step: the gradients are read at ``on_before_optimizer_step``,
     after accumulation and AMP unscaling, before ``gradient_clip_val`` clipping. The
     report prints at the end of training on rank zero and stays in :attr:`report`.
 
-    Args:
-        on_finding: ``"warn"`` (one :class:`~gradwatch.GradwatchWarning` per rule),
-            ``"raise"`` (:class:`~gradwatch.FindingError` stops ``fit``), ``"ignore"``, or a
-            callable taking each new :class:`~gradwatch.Finding`. Defaults to ``"warn"``.
-        rules: rule instances or built-in rule ids. Defaults to
-            :data:`gradwatch.DEFAULT_RULES`.
-        strict: re-raise internal errors instead of warning once and switching off.
-            Defaults to ``False``.
-        activations: capture activation statistics with forward hooks. Defaults to ``True``.
-        grad_schedule: ``step -> bool``, steps whose gradients are reduced per layer.
-            Defaults to the torch adapter's (every step up to 50, then every 10th).
-        activation_schedule: ``step -> bool`` for activations. Defaults to the torch
-            adapter's.
-        norm_schedule: ``step -> bool``, other steps whose total norm is taken. Defaults
-            to the torch adapter's (every 3rd step).
-        flush_every: steps between host copies; findings appear at flushes. Defaults to
-            ``20``.
-        verbose: print the report at the end of training. Defaults to ``True``.
+    The numbers also go to the trainer's loggers (a ``CSVLogger``, ``TensorBoardLogger``,
+    ``WandbLogger``...) at each flush, on global rank zero, under the tags of
+    ``docs/logging.md``: ``grad_2.0_norm/<param>``, ``grad_max_abs/<param>``,
+    ``grad_zero_frac/<param>``, ``grad_norm``, ``act_dead_frac/<activation>``,
+    ``act_tail_frac/<activation>`` and ``gradwatch/finding/<rule>``, each at its
+    optimizer step.
 
-    Attributes:
-        report: the :class:`~gradwatch.Report` of the last fit (``None`` before one ends).
-        watch: the :class:`~gradwatch.adapters.torch.TorchWatch` of the running fit.
-
-    Raises:
-        ValueError: for a bad argument, naming it.
+    {options}
 
     Example:
         >>> import gradwatch, lightning
@@ -64,45 +60,10 @@ class LightningCallback(Callback):
         True
     """
 
-    def __init__(
-        self,
-        *,
-        on_finding: str | Callable[[Finding], None] = "warn",
-        rules: Sequence[Rule | str] = DEFAULT_RULES,
-        strict: bool = False,
-        activations: bool = True,
-        grad_schedule: Schedule = DEFAULT_GRAD_SCHEDULE,
-        activation_schedule: Schedule = DEFAULT_ACTIVATION_SCHEDULE,
-        norm_schedule: Schedule = DEFAULT_NORM_SCHEDULE,
-        flush_every: int = 20,
-        verbose: bool = True,
-    ) -> None:
-        options = WatchOptions(
-            on_finding=on_finding,
-            rules=rules,
-            strict=strict,
-            activations=activations,
-            grad_schedule=grad_schedule,
-            activation_schedule=activation_schedule,
-            norm_schedule=norm_schedule,
-            flush_every=flush_every,
-            verbose=verbose,
-        )
-        self._run = TrainerRun(options, where="Lightning callback")
-
-    @property
-    def report(self) -> Report | None:
-        """The Report of the last fit (``None`` before one ends)."""
-        return self._run.report
-
-    @property
-    def watch(self) -> TorchWatch | None:
-        """The watch of the running fit (``None`` outside one)."""
-        return self._run.watch
-
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._run.start(pl_module)
+        loggers = trainer.loggers if trainer.is_global_zero else []
+        self._run.start(pl_module, route=LoggersSink(loggers) if loggers else None)
 
     @override
     def on_before_optimizer_step(
@@ -125,4 +86,4 @@ class LightningCallback(Callback):
         self._run.abort()  # a fit stopped before on_train_end (interrupt): hooks never stay
 
 
-__all__ = ["LightningCallback"]
+__all__ = ["LightningCallback", "LoggersSink"]

@@ -2,58 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
-from gradwatch.adapters.torch import (
-    DEFAULT_ACTIVATION_SCHEDULE,
-    DEFAULT_GRAD_SCHEDULE,
-    DEFAULT_NORM_SCHEDULE,
-    TorchWatch,
-)
-from gradwatch.adapters.trainer_run import TrainerRun, WatchOptions
+from gradwatch.adapters.trainer_run import WatchingCallback
 from gradwatch.adapters.transformers.clip import ClipTap, find_trainer
+from gradwatch.adapters.transformers.logs import LatestScalars, LogsTap
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from gradwatch.findings import Finding
 from gradwatch.guard import FindingError
-from gradwatch.report import Report
-from gradwatch.rules import DEFAULT_RULES, Rule
-from gradwatch.schedules import Schedule
 
 
-class HFTrainerCallback(TrainerCallback):
+class HFTrainerCallback(
+    WatchingCallback,
+    TrainerCallback,
+    where="Hugging Face Trainer callback",
+    training="``train()``",
+    trainer_logger="the logs of every ``on_log``, which the ``report_to`` integrations write",
+):
     """Watches the gradient flow of a ``transformers.Trainer`` model during ``train()``.
 
     A step is one optimizer step: after ``gradient_accumulation_steps`` micro-batches and
     AMP unscaling, before ``max_grad_norm`` clipping (see :mod:`gradwatch.adapters.transformers`).
     The report prints at the end of training on the main process and stays in :attr:`report`.
 
-    Args:
-        on_finding: ``"warn"`` (one :class:`~gradwatch.GradwatchWarning` per rule),
-            ``"raise"`` (:class:`~gradwatch.FindingError` stops ``train()``), ``"ignore"``,
-            or a callable taking each new :class:`~gradwatch.Finding`. Defaults to ``"warn"``.
-        rules: rule instances or built-in rule ids. Defaults to
-            :data:`gradwatch.DEFAULT_RULES`.
-        strict: re-raise internal errors instead of warning once and switching off.
-            Defaults to ``False``.
-        activations: capture activation statistics with forward hooks. Defaults to ``True``.
-        grad_schedule: ``step -> bool``, steps whose gradients are reduced per layer.
-            Defaults to the torch adapter's (every step up to 50, then every 10th).
-        activation_schedule: ``step -> bool`` for activations. Defaults to the torch
-            adapter's.
-        norm_schedule: ``step -> bool``, other steps whose total norm is taken. Defaults
-            to the torch adapter's (every 3rd step).
-        flush_every: steps between host copies; findings appear at flushes. Defaults to
-            ``20``.
-        verbose: print the report at the end of training. Defaults to ``True``.
+    At each ``on_log`` the Trainer's logs also hold gradwatch's newest numbers (each tag's
+    latest value from the flushes since the previous log), so ``report_to`` integrations
+    write them: ``grad_2.0_norm/<param>``, ``grad_max_abs/<param>``,
+    ``grad_zero_frac/<param>``, ``act_dead_frac/<activation>``,
+    ``act_tail_frac/<activation>``, ``gradwatch/finding/<rule>``, the total norm as
+    ``gradwatch/grad_norm`` (the Trainer's own ``grad_norm`` is left alone) and
+    ``gradwatch/step``, gradwatch's step of those numbers. The console printers and
+    ``state.log_history`` do not get them (:mod:`gradwatch.adapters.transformers.logs`).
 
-    Attributes:
-        report: the :class:`~gradwatch.Report` of the last ``train()`` (``None`` before).
-        watch: the :class:`~gradwatch.adapters.torch.TorchWatch` of the running ``train()``.
-
-    Raises:
-        ValueError: for a bad argument, naming it.
+    {options}
 
     Example:
         >>> import gradwatch, transformers
@@ -64,53 +45,25 @@ class HFTrainerCallback(TrainerCallback):
         True
     """
 
-    def __init__(
-        self,
-        *,
-        on_finding: str | Callable[[Finding], None] = "warn",
-        rules: Sequence[Rule | str] = DEFAULT_RULES,
-        strict: bool = False,
-        activations: bool = True,
-        grad_schedule: Schedule = DEFAULT_GRAD_SCHEDULE,
-        activation_schedule: Schedule = DEFAULT_ACTIVATION_SCHEDULE,
-        norm_schedule: Schedule = DEFAULT_NORM_SCHEDULE,
-        flush_every: int = 20,
-        verbose: bool = True,
-    ) -> None:
-        options = WatchOptions(
-            on_finding=on_finding,
-            rules=rules,
-            strict=strict,
-            activations=activations,
-            grad_schedule=grad_schedule,
-            activation_schedule=activation_schedule,
-            norm_schedule=norm_schedule,
-            flush_every=flush_every,
-            verbose=verbose,
-        )
-        self._run = TrainerRun(options, where="Hugging Face Trainer callback")
-        self._tap: ClipTap | None = None
-        self._stepped = False  # this optimizer step's gradients were read already
-
-    @property
-    def report(self) -> Report | None:
-        """The Report of the last ``train()`` (``None`` before one ends)."""
-        return self._run.report
-
-    @property
-    def watch(self) -> TorchWatch | None:
-        """The watch of the running ``train()`` (``None`` outside one)."""
-        return self._run.watch
+    _tap: ClipTap | None = None
+    _logs_tap: LogsTap | None = None
+    _latest: LatestScalars | None = None
+    _stepped = False  # this optimizer step's gradients were read already
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._close()  # an earlier train() that raised never reached on_train_end
         self._stepped = False
-        self._run.start(kwargs["model"])
+        # Only the main process's integrations write logs (and only its Monitor logs).
+        to_logs = self._run.options.log_to_trainer and state.is_world_process_zero
+        route = self._latest = LatestScalars() if to_logs else None
+        self._run.start(kwargs["model"], route=route)
         trainer = find_trainer(self)
         if trainer is not None and self._run.live:
             self._tap = ClipTap(trainer.accelerator, self._step)
+            if route is not None:
+                self._logs_tap = LogsTap(trainer.callback_handler, route.pop)
         elif self._run.watch is not None and args.max_grad_norm > 0:
             self._run.watch.analyzer.add_note(
                 "The Trainer was not found from its callback, so gradients were read at "
@@ -126,6 +79,19 @@ class HFTrainerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._stepped = False
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Without the Trainer there is no tap: the callbacks after this one still get them.
+        if self._logs_tap is None and self._latest is not None and logs is not None:
+            for tag, value in self._latest.pop().items():
+                logs.setdefault(tag, value)  # never overwrite the Trainer's own keys
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -149,6 +115,10 @@ class HFTrainerCallback(TrainerCallback):
         if self._tap is not None:
             self._tap.remove()
             self._tap = None
+        if self._logs_tap is not None:
+            self._logs_tap.remove()
+            self._logs_tap = None
+        self._latest = None
         self._run.abort()
 
 

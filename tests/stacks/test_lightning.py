@@ -7,7 +7,10 @@ parameter's gradient norm, and the optimizer's own ``step`` saves the norm it ap
 
 from __future__ import annotations
 
+import csv
 import warnings
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -95,6 +98,7 @@ def _fit(
     steps: int = 30,
     accumulate: int = 1,
     clip: float | None = None,
+    logger: Any = False,
 ) -> pl.Trainer:
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -103,7 +107,8 @@ def _fit(
         accumulate_grad_batches=accumulate,
         gradient_clip_val=clip,
         callbacks=[cb],
-        logger=False,
+        logger=logger,
+        log_every_n_steps=1,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -195,3 +200,113 @@ def test_on_finding_raise_stops_fit_and_removes_hooks() -> None:
     assert module.trainer.global_step < 200
     assert cb.report is not None
     assert_hooks_removed(module)
+
+
+# --- logging through the trainer's loggers -------------------------------------------
+
+
+class ProbedMLP(TinyMLP):
+    """Logs its batch index with ``self.log``: the step Lightning files that batch under."""
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.log("probe_batch", float(batch_idx), on_step=True, on_epoch=False)
+        return super().training_step(batch, batch_idx)
+
+
+def _csv_rows(logger: Any) -> list[dict[str, str]]:
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _column(rows: list[dict[str, str]], tag: str) -> dict[int, float]:
+    """step -> value of ``tag``, from the rows that hold it."""
+    return {int(r["step"]): float(r[tag]) for r in rows if r.get(tag, "") != ""}
+
+
+@pytest.mark.usefixtures("no_gradwatch_warning")
+def test_csv_logger_holds_gradwatch_columns_at_the_optimizer_steps(
+    analyzer_spy: AnalyzerSpy, tmp_path: Path
+) -> None:
+    logger = pl.loggers.CSVLogger(tmp_path, name="run")
+    cb = gradwatch.LightningCallback(on_finding="ignore", verbose=False, flush_every=5)
+    _fit(ProbedMLP(), cb, steps=12, logger=logger)
+
+    rows = _csv_rows(logger)
+    columns = set(rows[0])
+    for name in ("fc1.weight", "fc2.bias", "out.weight"):
+        assert {f"grad_2.0_norm/{name}", f"grad_max_abs/{name}", f"grad_zero_frac/{name}"} <= (
+            columns
+        )
+    assert {"grad_norm", "act_dead_frac/act1", "act_tail_frac/act2"} <= columns
+    # every optimizer step, the last flush (steps 10, 11) included
+    norms = _column(rows, "grad_2.0_norm/fc1.weight")
+    assert sorted(norms) == list(range(12))
+    # the step Lightning files the batch's own self.log under: one axis for both
+    assert _column(rows, "probe_batch") == {step: float(step) for step in range(12)}
+    seen = analyzer_spy.per_layer()
+    for step, value in norms.items():
+        assert value == pytest.approx(seen[step]["fc1.weight"], rel=1e-6), step
+    totals = _column(rows, "grad_norm")
+    assert sorted(totals) == list(range(12))
+    for step, total in totals.items():
+        assert total == pytest.approx(np.sqrt(sum(v**2 for v in seen[step].values())), rel=1e-5)
+
+
+def test_log_to_a_callable_gets_every_step_and_trainer_loggers_too(tmp_path: Path) -> None:
+    batches: list[int] = []
+    logger = pl.loggers.CSVLogger(tmp_path, name="run")
+    cb = gradwatch.LightningCallback(
+        on_finding="ignore",
+        verbose=False,
+        flush_every=4,
+        log_to=lambda step, scalars: batches.append(step),
+    )
+    _fit(TinyMLP(), cb, steps=10, logger=logger)
+    assert batches == list(range(10))
+    assert sorted(_column(_csv_rows(logger), "grad_norm")) == list(range(10))
+
+
+def test_a_finding_is_logged_as_open(tmp_path: Path) -> None:
+    logger = pl.loggers.CSVLogger(tmp_path, name="run")
+    cb = gradwatch.LightningCallback(on_finding="ignore", verbose=False, flush_every=10)
+    _fit(TinyMLP(dead_bias=-10.0), cb, steps=40, logger=logger)
+    assert "dead_relu" in {f.rule for f in cb.report.findings}
+    flags = _column(_csv_rows(logger), "gradwatch/finding/dead_relu")
+    assert flags and set(flags.values()) == {1.0}
+    assert set(flags) <= {9, 19, 29, 39}  # the last step of a flush
+
+
+def test_log_to_trainer_false_keeps_the_loggers_clean(tmp_path: Path) -> None:
+    rows: list[int] = []
+    logger = pl.loggers.CSVLogger(tmp_path, name="run")
+    cb = gradwatch.LightningCallback(
+        on_finding="ignore",
+        verbose=False,
+        log_to=lambda step, scalars: rows.append(step),
+        log_to_trainer=False,
+    )
+    _fit(ProbedMLP(), cb, steps=6, logger=logger)
+    assert rows == list(range(6))
+    columns = set(_csv_rows(logger)[0])
+    assert "probe_batch" in columns
+    assert not {c for c in columns if c.startswith(("grad", "act_", "gradwatch/"))}
+
+
+def test_a_failing_sink_warns_once_and_training_goes_on(tmp_path: Path) -> None:
+    def broken(step: int, scalars: dict[str, float]) -> None:
+        raise OSError("disk full")
+
+    logger = pl.loggers.CSVLogger(tmp_path, name="run")
+    cb = gradwatch.LightningCallback(
+        on_finding="ignore", verbose=False, flush_every=3, log_to=broken
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _fit(TinyMLP(), cb, steps=12, logger=logger)
+    texts = [str(w.message) for w in caught if issubclass(w.category, gradwatch.GradwatchWarning)]
+    assert len(texts) == 1, texts
+    assert "disk full" in texts[0] and "training and monitoring continue" in texts[0]
+    assert trainer.global_step == 12
+    assert cb.report is not None and cb.report.steps_observed == 12
+    # the trainer's logger is a sink of its own: it kept logging
+    assert sorted(_column(_csv_rows(logger), "grad_norm")) == list(range(12))

@@ -9,6 +9,7 @@ before clipping, and the optimizer's own ``step`` saves the norm it applies.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,8 @@ def _make_trainer(
     max_grad_norm: float = 1.0,
     lr: float = 0.05,
     model: torch.nn.Module | None = None,
+    logging_steps: int | None = None,
+    callbacks: tuple[Any, ...] | None = None,
 ) -> Any:
     model = model if model is not None else _tiny_gpt2()
     optimizer = RecordingSGD(model, lr=lr)
@@ -84,7 +87,8 @@ def _make_trainer(
         lr_scheduler_type="constant",
         report_to=[],
         save_strategy="no",
-        logging_strategy="no",
+        logging_strategy="no" if logging_steps is None else "steps",
+        logging_steps=logging_steps or 500,
         use_cpu=True,
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -94,7 +98,7 @@ def _make_trainer(
         model=model,
         args=args,
         train_dataset=Tokens(8 * steps * accumulate),
-        callbacks=[cb],
+        callbacks=list(callbacks) if callbacks is not None else [cb],
         optimizers=(optimizer, None),
     )
 
@@ -218,3 +222,109 @@ def test_an_internal_error_never_stops_training(tmp_path: Path) -> None:
     assert trainer.state.global_step == 8
     assert cb.report is not None and cb.report.steps_observed == 3
     assert any("injected" in note for note in cb.report.notes)
+
+
+# --- logging through the Trainer's on_log ---------------------------------------------
+
+
+class CapturingCallback(transformers.TrainerCallback):
+    """Records the logs every ``on_log`` receives, as a ``report_to`` integration would."""
+
+    def __init__(self) -> None:
+        self.logs: list[tuple[int, dict[str, float]]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        self.logs.append((state.global_step, dict(logs)))
+
+
+class CapturingCallbackAfter(CapturingCallback):
+    """A second class: the Trainer warns about two instances of one callback class."""
+
+
+@pytest.mark.usefixtures("no_gradwatch_warning")
+def test_gradwatch_numbers_arrive_in_on_log_before_and_after_the_callback(
+    analyzer_spy: AnalyzerSpy, tmp_path: Path
+) -> None:
+    # An integration stands before the user's callbacks (Trainer.__init__), so "before"
+    # is where TensorBoardCallback or WandbCallback would see the logs.
+    before, after = CapturingCallback(), CapturingCallbackAfter()
+    cb = gradwatch.HFTrainerCallback(on_finding="ignore", verbose=False, flush_every=5)
+    trainer = _make_trainer(cb, tmp_path, steps=12, logging_steps=4, callbacks=(before, cb, after))
+    trainer.train()
+
+    assert [step for step, _ in before.logs] == [4, 8, 12, 12]  # 3 logs and the summary
+    assert after.logs == before.logs
+    first, second, third, summary = (logs for _, logs in before.logs)
+    assert "gradwatch/step" not in first  # no flush before step 4: nothing to merge
+    seen = analyzer_spy.per_layer()
+    for logs, gw_step in ((second, 4), (third, 9)):  # the newest flushed step (5th, 10th)
+        assert logs["gradwatch/step"] == gw_step
+        assert logs[f"grad_2.0_norm/{FIRST}"] == pytest.approx(seen[gw_step][FIRST], rel=1e-6)
+        total = np.sqrt(sum(v**2 for v in seen[gw_step].values()))
+        assert logs["gradwatch/grad_norm"] == pytest.approx(total, rel=1e-5)
+        assert {f"grad_max_abs/{FIRST}", f"grad_zero_frac/{FIRST}"} <= set(logs)
+        # the Trainer's own grad_norm is its logging step's, untouched
+        assert logs["grad_norm"] != pytest.approx(logs["gradwatch/grad_norm"])
+    assert "gradwatch/step" not in summary  # steps 10, 11 flush at train end, after it
+    # the checkpointed history and the console printers never hold them
+    assert not any(
+        tag.startswith(("grad_2.0", "gradwatch/"))
+        for entry in trainer.state.log_history
+        for tag in entry
+    )
+    assert "on_log" not in vars(trainer.callback_handler)  # the tap is gone with train()
+
+
+def test_hf_grad_norm_and_gradwatch_total_norm_are_the_same_quantity(tmp_path: Path) -> None:
+    rows: dict[int, dict[str, float]] = {}
+    cb = gradwatch.HFTrainerCallback(
+        on_finding="ignore",
+        verbose=False,
+        log_to=lambda step, scalars: rows.setdefault(step, scalars),
+    )
+    trainer = _train(cb, tmp_path, steps=8, logging_steps=1, max_grad_norm=1.0)
+    assert sorted(rows) == list(range(8))  # gradwatch's steps: every training step
+    hf = {e["step"]: e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e}
+    # HF's global_step after gradwatch's step s is s + 1; both are the pre-clip norm
+    assert sorted(hf) == list(range(1, 9))
+    for step, scalars in rows.items():
+        assert scalars["grad_norm"] == pytest.approx(hf[step + 1], rel=1e-5), step
+
+
+def test_log_to_trainer_false_keeps_the_logs_clean(tmp_path: Path) -> None:
+    captured = CapturingCallbackAfter()
+    rows: list[int] = []
+    cb = gradwatch.HFTrainerCallback(
+        on_finding="ignore",
+        verbose=False,
+        flush_every=2,
+        log_to=lambda step, scalars: rows.append(step),
+        log_to_trainer=False,
+    )
+    trainer = _make_trainer(cb, tmp_path, steps=6, logging_steps=2, callbacks=(cb, captured))
+    trainer.train()
+    assert rows == list(range(6))
+    assert captured.logs and not any(
+        tag.startswith(("grad_2.0", "gradwatch/")) for _, logs in captured.logs for tag in logs
+    )
+
+
+def test_a_failing_sink_warns_once_and_training_goes_on(tmp_path: Path) -> None:
+    def broken(step: int, scalars: dict[str, float]) -> None:
+        raise OSError("disk full")
+
+    captured = CapturingCallbackAfter()
+    cb = gradwatch.HFTrainerCallback(
+        on_finding="ignore", verbose=False, flush_every=2, log_to=broken
+    )
+    trainer = _make_trainer(cb, tmp_path, steps=8, logging_steps=4, callbacks=(cb, captured))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    texts = [str(w.message) for w in caught if issubclass(w.category, gradwatch.GradwatchWarning)]
+    assert len(texts) == 1, texts
+    assert "disk full" in texts[0] and "training and monitoring continue" in texts[0]
+    assert trainer.state.global_step == 8
+    assert cb.report is not None and cb.report.steps_observed == 8
+    # the route to the Trainer's logs is a sink of its own: it kept logging
+    assert [logs.get("gradwatch/step") for _, logs in captured.logs[:2]] == [3, 7]
