@@ -14,6 +14,18 @@ Two regions matter to gradwatch:
   * hard sigmoid / hard tanh / ReLU6: the derivative is exactly 0 on the clipped
     plateaus (``y <= 0`` or ``y >= 1``, ``|y| >= 1``, ``y >= 6``).
 
+* the **flat negative tail** of the smooth ReLU-likes (``JUDGED_ON_INPUT``: GELU, SiLU,
+  Mish, hard swish, ELU/SELU/CELU, softplus). A unit there passes back under 1% of the
+  derivative's maximum, so it is dead when a whole batch sits there, and the entries
+  there are in a tail. It is a half-line of the *input*: ``z <= input_tail_bound(fn)``
+  (:func:`input_tail_bound`; ``-3.02`` for GELU, ``-6.14`` for SiLU, ``ln 0.01`` for
+  ELU). It is no threshold on the output: GELU and SiLU are not monotonic, so
+  ``y = -0.001`` comes from ``z = -3.1`` (flat) and from ``z = -0.002`` (slope 0.5).
+  Adapters that see ``z`` reduce the *margin* ``max(z - bound, 0)``, which is zero exactly
+  in the flat region, like a ReLU output; from outputs alone these kinds are not judged.
+  The narrow band around the zero of ``f'`` (``z ~ -0.75`` for GELU) is left out:
+  no unit can sit inside it for a whole batch without also crossing it.
+
 Example:
     >>> from gradwatch.activations import tail_bounds
     >>> lo, hi = tail_bounds("tanh")
@@ -23,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from enum import Enum
 from typing import Any
@@ -66,6 +79,20 @@ CAN_SATURATE = frozenset(
         ActivationKind.SOFTMAX.value,
     }
 )
+# Kinds whose flat region is the input half-line z <= input_tail_bound(fn): reduced as the
+# margin max(z - bound, 0), a ReLU output (zero exactly in the flat region).
+JUDGED_ON_INPUT = frozenset(
+    {
+        ActivationKind.GELU.value,
+        ActivationKind.SILU.value,
+        ActivationKind.ELU.value,
+        ActivationKind.SOFTPLUS.value,
+    }
+)
+# What the rules judge: units that can die (dead_relu) and outputs that can sit in a
+# flat tail (saturation), whether measured on the output or on the input.
+DYING_KINDS = CAN_DIE | JUDGED_ON_INPUT
+SATURATING_KINDS = CAN_SATURATE | JUDGED_ON_INPUT
 # Kinds whose chained derivatives are at most 1/4 (sigmoid) or 1 with fast decay
 # (tanh): the classic cause of vanishing gradients in deep stacks.
 SQUASHING = frozenset(
@@ -104,6 +131,21 @@ _ALIASES: dict[str, str] = {
     "softmax": "softmax",
     "log_softmax": "softmax",
     "logsoftmax": "softmax",
+    # Library activation modules (Hugging Face ACT2FN, timm): class name -> kind.
+    "newgeluactivation": "gelu",
+    "geluactivation": "gelu",
+    "gelutanh": "gelu",
+    "pytorchgelutanh": "gelu",
+    "fastgeluactivation": "gelu",
+    "quickgeluactivation": "gelu",
+    "quickgelu": "gelu",
+    "accurategeluactivation": "gelu",
+    "clippedgeluactivation": "gelu",
+    "siluactivation": "silu",
+    "swishactivation": "silu",
+    "mishactivation": "silu",
+    "hardmish": "silu",
+    "relusquaredactivation": "relu",
 }
 
 
@@ -140,6 +182,106 @@ def tail_bounds(
     if kind == ActivationKind.RELU6.value:
         return -math.inf, 6.0
     return -math.inf, math.inf
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def _swish_slope(z: float, a: float) -> float:
+    """d/dz of ``z * sigmoid(a z)``: SiLU (``a = 1``), quick GELU (``a = 1.702``)."""
+    s = _sigmoid(a * z)
+    return s + a * z * s * (1.0 - s)
+
+
+def _gelu_tanh_slope(z: float) -> float:
+    c = math.sqrt(2.0 / math.pi)
+    t = math.tanh(c * (z + 0.044715 * z**3))
+    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * z * z)
+
+
+def _mish_slope(z: float) -> float:
+    t = math.tanh(math.log1p(math.exp(z)) if z < 30 else z)
+    return t + z * (1.0 - t * t) * _sigmoid(z)
+
+
+def _hardswish_slope(z: float) -> float:
+    return 0.0 if z <= -3.0 else (1.0 if z >= 3.0 else (2.0 * z + 3.0) / 6.0)
+
+
+# f'(z) of the smooth ReLU-likes, by the name a framework calls them (F.gelu(approximate=
+# "tanh") is "gelu_tanh"). GELU: Phi(z) + z phi(z) (Hendrycks & Gimpel, 2016).
+_SLOPES = {
+    "gelu": lambda z: (
+        0.5 * math.erfc(-z / math.sqrt(2.0)) + z * math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    ),
+    "gelu_tanh": _gelu_tanh_slope,
+    "quick_gelu": lambda z: _swish_slope(z, 1.702),
+    "silu": lambda z: _swish_slope(z, 1.0),
+    "mish": _mish_slope,
+    "hardswish": _hardswish_slope,
+}
+
+
+@functools.lru_cache(maxsize=128)
+def input_tail_bound(
+    fn: str,
+    derivative_fraction: float = DEFAULT_TAIL_DERIVATIVE_FRACTION,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> float:
+    """The input bound ``b`` of a smooth ReLU-like's flat negative tail: for every
+    ``z <= b``, ``|f'(z)| < derivative_fraction * max |f'|``.
+
+    Closed forms where there is one (at 1%): ELU ``f' = alpha e^z`` gives
+    ``ln(0.01 max(1, alpha) / alpha)`` (``-4.61``; SELU's ``lambda alpha e^z`` peaks at
+    ``z = 0-`` too, so the same), CELU ``alpha ln 0.01``, softplus ``f' = sigmoid(beta z)``
+    gives ``ln(0.01 / 0.99) / beta`` (``-4.60``), hard swish ``-3`` (``f'`` is 0 below).
+    GELU (``-3.02``; ``-3.01`` for its tanh form), quick GELU (``-3.61``), SiLU
+    (``-6.14``) and Mish (``-6.16``) are solved numerically from ``f'`` above.
+
+    >>> round(input_tail_bound("gelu"), 2), round(input_tail_bound("silu"), 2)
+    (-3.02, -6.14)
+    """
+    f = derivative_fraction
+    if not 0.0 < f < 1.0:
+        raise ValueError(f"derivative_fraction must be in (0, 1), got {f}")
+    if fn in ("elu", "selu"):
+        a = 1.0 if fn == "selu" else alpha
+        return math.log(f * max(1.0, a) / a)
+    if fn == "celu":
+        return alpha * math.log(f)
+    if fn == "softplus":
+        return math.log(f / (1.0 - f)) / beta
+    slope = _SLOPES[fn]
+    peak = max(abs(slope(i / 1000.0)) for i in range(-10_000, 10_001))
+    limit = f * peak
+    # |f'| rises from 0 at -inf: step up to the first z past the limit, then bisect.
+    lo = -60.0
+    hi = lo
+    while abs(slope(hi)) < limit:
+        lo, hi = hi, hi + 0.01
+    for _ in range(60):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if abs(slope(mid)) < limit else (lo, mid)
+    return lo
+
+
+def activation_stats_from_input(
+    inputs: Any, fn: str, kind: str, unit_axis: int = -1, **params: float
+) -> tuple[float, float, float]:
+    """``(inactive_frac, dead_frac, tail_frac)`` of a smooth ReLU-like (``JUDGED_ON_INPUT``)
+    from its input ``z``, on the host: the flat region ``z <= input_tail_bound(fn)`` is
+    both the inactive entries (then dead units) and the tail. The reference of the
+    adapters' margin reductions.
+
+    >>> activation_stats_from_input([[-5.0, 1.0], [-4.0, 2.0]], "gelu", "gelu")
+    (0.5, 0.5, 0.5)
+    """
+    z = np.asarray(inputs, dtype=np.float64)
+    margin = np.maximum(z - input_tail_bound(fn, **params), 0.0)  # NaN stays NaN: not inactive
+    inactive, dead, _ = activation_stats_from_array(margin, ActivationKind.RELU.value, unit_axis)
+    return inactive, dead, inactive
 
 
 def activation_stats_from_array(

@@ -58,6 +58,14 @@ _SPELLINGS: dict[str, tuple[str, str, str]] = {
         "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu')",
         'kernel_initializer="he_normal"',
     ),
+    # When the activation is unknown: no text may assume which one it is.
+    "init_for_activation": _entry(
+        "Initialize each layer for the activation after it: He (Kaiming) for ReLU-family, "
+        "Xavier (Glorot) for sigmoid/tanh",
+        "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu') or "
+        "nn.init.xavier_uniform_(layer.weight)",
+        'kernel_initializer="he_normal" or "glorot_uniform"',
+    ),
     "xavier_init": _entry(
         "Use Xavier (Glorot) initialization for sigmoid/tanh layers",
         "nn.init.xavier_uniform_(layer.weight)",

@@ -29,14 +29,14 @@ import contextlib
 import dataclasses
 import shutil
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gradwatch.analyzer import Analyzer
 from gradwatch.config import check_bool, check_on_finding
 from gradwatch.findings import SEVERITY_RANK, Finding
 from gradwatch.guard import FindingError, Guard, warn
-from gradwatch.report import Report
+from gradwatch.report import Coverage, Report
 from gradwatch.rules import DEFAULT_RULES, Rule
 from gradwatch.sinks import Sink, resolve_sink, scalars_for, sinks_of
 from gradwatch.stats import StepStats
@@ -156,6 +156,7 @@ class Monitor:
         self._before_raise = before_raise
         self._before_report = before_report
         self._warned: set[str] = set()
+        self._coverage: tuple[tuple[str, ...], dict[str, str], dict[str, str]] | None = None
         if report_at_exit and show:
             _UNREPORTED.add(self)
 
@@ -236,6 +237,44 @@ class Monitor:
                     else:
                         sink.flush()
 
+    def set_coverage(
+        self,
+        parameters: Sequence[str],
+        activation_sites: Mapping[str, str],
+        activation_modules: Mapping[str, str],
+    ) -> None:
+        """What the model holds, for the report's :class:`~gradwatch.report.Coverage`
+        (the latest call wins; merged with what the analyzer observed at report time).
+
+        Args:
+            parameters: names of the trainable parameters.
+            activation_sites: the activation sites observed so far, name -> kind.
+            activation_modules: the activation-like modules, name -> kind (``"other"``
+                for a class gradwatch does not know).
+        """
+        self._coverage = (tuple(parameters), dict(activation_sites), dict(activation_modules))
+
+    def _merged_coverage(self, report: Report) -> Coverage | None:
+        if self._coverage is None:
+            return None
+        parameters, sites, modules = self._coverage
+        observed = {ls.name for ls in report.layers if ls.steps > 0}
+        group_by = self.analyzer.group_by
+        groups = [group_by(name) for name in parameters]
+        missing = tuple(dict.fromkeys(g for g in groups if g not in observed))
+        by_kind: dict[str, int] = {}
+        for kind in sites.values():
+            by_kind[kind] = by_kind.get(kind, 0) + 1
+        seen = {name.split("#", 1)[0] for name in sites}
+        return Coverage(
+            parameters_trainable=len(parameters),
+            parameters_observed=sum(g in observed for g in groups),
+            layers_not_observed=missing,
+            activation_sites=dict(sorted(by_kind.items())),
+            activation_modules=len(modules),
+            activation_modules_not_observed=tuple(n for n in modules if n not in seen),
+        )
+
     def note(self, text: str) -> None:
         """A coverage note for the report (once, however often it is added)."""
         self.analyzer.add_note(text)
@@ -296,6 +335,9 @@ class Monitor:
         if error is not None and report.stopped_at is None:
             stopped = self.error_step if self.error_step is not None else report.last_step
             report = dataclasses.replace(report, stopped_at=stopped)
+        coverage = self._merged_coverage(report)
+        if coverage is not None:
+            report = dataclasses.replace(report, coverage=coverage)
         if self.framework is not None:
             report = dataclasses.replace(
                 report,
@@ -325,8 +367,10 @@ def render_for_console(report: Report, width: int | None = None) -> str:
         return report.render(width=width)
     except Exception:
         lines = [f"gradwatch: {report.steps_observed} steps observed"]
+        missing = report.coverage.layers_not_observed if report.coverage else ()
         if report.healthy:
-            lines.append("  gradient flow looks healthy")
+            where = f" where observed; {len(missing)} layers not observed" if missing else ""
+            lines.append(f"  gradient flow looks healthy{where}")
         for f in report.findings:
             lines.append(f"  [{f.severity}] {f.rule}: {f.message}")
             lines.extend(f"      fix: {fix.text}" for fix in f.fixes[:2])

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gradwatch.findings import Finding
-from gradwatch.report import Report
+from gradwatch.report import Coverage, Report
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 _SPARK = "▁▂▃▄▅▆▇█"
@@ -72,6 +72,14 @@ def _summary(report: Report) -> Text:
         )
     elif stopped:
         text = Text("gradwatch: no problem found before monitoring stopped", style="bold yellow")
+    elif report.coverage is not None and report.coverage.layers_not_observed:
+        # Never "healthy" over layers nobody saw.
+        missing = len(report.coverage.layers_not_observed)
+        text = Text(
+            f"gradwatch: healthy where observed; {missing} layer{'s' if missing > 1 else ''} "
+            "not observed",
+            style="bold yellow",
+        )
     else:
         text = Text("gradwatch: gradients look healthy", style="bold green")
     text.append(f" - {span}", style="default")
@@ -79,6 +87,37 @@ def _summary(report: Report) -> Text:
         text.append(
             f"; monitoring stopped at step {report.stopped_at} after an internal error (see notes)",
             style="bold yellow",
+        )
+    return text
+
+
+def coverage_line(coverage: Coverage) -> str:
+    """What was judged, in one line: parameters observed and activation sites by kind.
+
+    >>> coverage_line(Coverage(4, 3, ("fc3",), {"relu": 2}, 2, ()))
+    'judged: 3 of 4 trainable parameters (not observed: fc3); activations: 2 relu sites'
+    """
+    text = (
+        f"judged: {coverage.parameters_observed} of {coverage.parameters_trainable} "
+        "trainable parameters"
+    )
+    missing = coverage.layers_not_observed
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        text += f" (not observed: {shown})"
+    sites = coverage.activation_sites
+    if sites:
+        kinds = ", ".join(f"{n} {kind} site{'s' if n > 1 else ''}" for kind, n in sites.items())
+        text += f"; activations: {kinds}"
+    else:
+        text += "; no activation observed"
+    unseen = coverage.activation_modules_not_observed
+    if unseen:
+        text += (
+            f"; {len(unseen)} of {coverage.activation_modules} activation modules not "
+            f"observed ({', '.join(unseen[:3])}{' ...' if len(unseen) > 3 else ''})"
         )
     return text
 
@@ -110,7 +149,8 @@ def _finding_panel(index: int, f: Finding) -> Panel:
 def _bar(log_norm: float, lo: float, hi: float, width: int = _BAR_WIDTH) -> str:
     if math.isnan(log_norm):
         return ""
-    frac = 1.0 if hi <= lo else (log_norm - lo) / (hi - lo)
+    frac = 1.0 if hi <= lo or math.isinf(log_norm) else (log_norm - lo) / (hi - lo)
+    frac = frac if math.isfinite(frac) else 1.0
     cells = frac * width
     full = int(cells)
     return "█" * full + ("▌" if cells - full >= 0.5 else "") or "▏"
@@ -237,7 +277,7 @@ def _layer_table(report: Report, total_width: int = 80) -> Table:
     logs = [
         math.log10(ls.typical_norm) if ls.typical_norm > 0 else math.nan for ls in report.layers
     ]
-    finite = [v for v in logs if not math.isnan(v)]
+    finite = [v for v in logs if math.isfinite(v)]
     lo, hi = (min(finite) - 0.5, max(finite)) if finite else (0.0, 0.0)
     col = {name: i for i, name in enumerate(report.flow.layers)}
     rows = _shown_rows(report)
@@ -274,6 +314,8 @@ def _layer_table(report: Report, total_width: int = 80) -> Table:
 def render_report(report: Report) -> Iterator[RenderableType]:
     """The renderables of a report, in order."""
     yield _summary(report)
+    if report.coverage is not None:
+        yield Text(coverage_line(report.coverage))
     for i, finding in enumerate(report.findings, 1):
         yield _finding_panel(i, finding)
     if report.layers:

@@ -58,6 +58,47 @@ class FlowHistory:
 
 
 @dataclass(frozen=True, slots=True)
+class Coverage:
+    """What a run's report judged, against what the model holds.
+
+    Attributes:
+        parameters_trainable: trainable parameter tensors of the model.
+        parameters_observed: those whose gradient was observed at least once.
+        layers_not_observed: the layer groups of the trainable parameters never
+            observed (no gradient reached them on a sampled step), model order.
+        activation_sites: activation sites observed, counted by kind
+            (``{"relu": 3, "gelu": 2}``), from modules and functional calls alike.
+        activation_modules: activation-like modules in the model (a known activation
+            class, or a class named ``...Activation``).
+        activation_modules_not_observed: those never observed (unknown kinds, or not
+            called in a sampled training forward).
+    """
+
+    parameters_trainable: int = 0
+    parameters_observed: int = 0
+    layers_not_observed: tuple[str, ...] = ()
+    activation_sites: dict[str, int] = field(default_factory=dict)
+    activation_modules: int = 0
+    activation_modules_not_observed: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Coverage:
+        """Inverse of the ``coverage`` entry of :meth:`Report.to_dict`."""
+        _known_keys(raw, _COVERAGE_KEYS, "coverage")
+        sites = raw["activation_sites"]
+        if not isinstance(sites, dict):
+            raise ValueError(f"not a gradwatch report: {sites!r} where an object belongs")
+        return cls(
+            parameters_trainable=_int(raw["parameters_trainable"]),
+            parameters_observed=_int(raw["parameters_observed"]),
+            layers_not_observed=_strs(raw["layers_not_observed"]),
+            activation_sites={_str(k): _int(v) for k, v in sites.items()},
+            activation_modules=_int(raw["activation_modules"]),
+            activation_modules_not_observed=_strs(raw["activation_modules_not_observed"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     """Everything gradwatch concluded about one run.
 
@@ -73,6 +114,9 @@ class Report:
             ``None`` when it watched to the end. Nothing after it was judged.
         framework: ``"torch"`` or ``"keras"``, the framework of the run, whose spelling
             the fixes use; ``None`` for a framework-free run (fixes show both).
+        coverage: what was judged against what the model holds (:class:`Coverage`);
+            ``None`` when the adapter did not say (the core :class:`~gradwatch.Analyzer`
+            alone knows only what it was given).
     """
 
     findings: tuple[Finding, ...] = ()
@@ -85,6 +129,7 @@ class Report:
     stopped_at: int | None = None
     schema_version: int = SCHEMA_VERSION
     framework: str | None = None
+    coverage: Coverage | None = None
 
     def __eq__(self, other: object) -> bool:
         # Field by field, except that NaN equals NaN: a report holding a NaN (a layer
@@ -199,6 +244,7 @@ class Report:
             stopped_at=None if d.get("stopped_at") is None else _int(d["stopped_at"]),
             schema_version=int(d["schema_version"]),
             framework=None if d.get("framework") is None else _str(d["framework"]),
+            coverage=None if d.get("coverage") is None else Coverage.from_dict(d["coverage"]),
         )
 
     @classmethod
@@ -255,11 +301,21 @@ def _encode(value: Any) -> Any:
 
 _REPORT_KEYS = frozenset(
     ("findings", "layers", "first_step", "last_step", "steps_observed", "flow", "notes")
-) | {"stopped_at", "schema_version", "framework"}
+) | {"stopped_at", "schema_version", "framework", "coverage"}
 _FINDING_KEYS = frozenset(
     ("rule", "severity", "layers", "first_step", "last_step", "message", "evidence", "fixes")
 )
 _FLOW_KEYS = frozenset(("bin_steps", "layers", "log10_norm"))
+_COVERAGE_KEYS = frozenset(
+    (
+        "parameters_trainable",
+        "parameters_observed",
+        "layers_not_observed",
+        "activation_sites",
+        "activation_modules",
+        "activation_modules_not_observed",
+    )
+)
 
 
 def _known_keys(value: Any, known: frozenset[str], what: str) -> None:

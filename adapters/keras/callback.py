@@ -1,9 +1,11 @@
-"""The callback's lifecycle and host side: :class:`GradWatchCallback`.
+"""The callback's lifecycle: :class:`GradWatchCallback`.
 
 Owns one :class:`gradwatch.monitor.Monitor` per ``fit`` (analyzer, guard, on_finding
-policy, report), the choice of capture for the backend, and the host side: every
-``flush_every`` batches one read of the probe rings, turned into
-:class:`gradwatch.StepStats` by :func:`gradwatch.rows.step_stats_from_rows`.
+policy, report), the choice of capture for the backend and of the optimizers to
+watch, the :class:`~gradwatch.adapters.keras.lifecycle.FitScope` that undoes the
+patches of a ``fit`` that died, and the reads: every ``flush_every`` batches one read
+of the probe rings by :class:`~gradwatch.adapters.keras.reader.RingReader`. What it
+could not watch, it says in the report's notes.
 """
 
 from __future__ import annotations
@@ -13,22 +15,25 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
-import numpy as np
 from gradwatch.adapters.keras.capture import Capture, TensorCapture
 from gradwatch.adapters.keras.capture_jax import JaxCapture
 from gradwatch.adapters.keras.layers import ActivationLayers
-from gradwatch.adapters.keras.probe import Probe, to_host
+from gradwatch.adapters.keras.lifecycle import FitScope, note_unseen_steps, watched_optimizers
+from gradwatch.adapters.keras.probe import Probe, ring_size, to_host
+from gradwatch.adapters.keras.reader import RingReader
 
 from gradwatch.activations import DEFAULT_TAIL_DERIVATIVE_FRACTION
-from gradwatch.analyzer import Analyzer
+from gradwatch.analyzer import Analyzer, resolve_rules
 from gradwatch.config import check_bool, check_int
 from gradwatch.findings import Finding
 from gradwatch.monitor import Monitor
 from gradwatch.report import Report
-from gradwatch.rows import step_stats_from_rows
 from gradwatch.rules import DEFAULT_RULES, Rule
 from gradwatch.schedules import every
 from gradwatch.stats import StepStats
+
+# Batches between two reads at most (each sample between them holds a ring slot).
+MAX_FLUSH_EVERY = 10_000
 
 
 class GradWatchCallback(keras.callbacks.Callback):
@@ -51,11 +56,20 @@ class GradWatchCallback(keras.callbacks.Callback):
     layers. Activations applied inside recurrent cells or inside a custom ``call``
     are not covered; the report lists such layers in its notes.
 
+    A custom ``train_step`` that applies its gradients with optimizers held as model
+    attributes (the keras.io GAN's ``self.d_optimizer`` and ``self.g_optimizer``) is
+    watched too on the TensorFlow and torch backends: each optimizer's variables
+    under their own names, one step per train step. What cannot be watched (no
+    optimizer step seen, an internal error, such optimizers on JAX) is said in the
+    report's notes, and such a report is never called healthy.
+
     Args:
-        rules: the rules to apply. Defaults to :data:`gradwatch.DEFAULT_RULES`.
+        rules: the rules to apply: :class:`gradwatch.Rule` instances or rule ids, or
+            one of either (``rules="dead_relu"``). Defaults to
+            :data:`gradwatch.DEFAULT_RULES`.
         window: steps the analyzer keeps for its rules. Defaults to ``64``.
         flush_every: read the statistics back to the host every this many batches
-            (one small transfer). Defaults to ``16``.
+            (one small transfer), at most ``10_000``. Defaults to ``16``.
         sample_every: reduce gradient (and activation) statistics on every this many
             training steps; the other steps cost a comparison. Each sample is the full
             statistics of that step's real gradients. Defaults to ``8`` (under 5%
@@ -86,7 +100,7 @@ class GradWatchCallback(keras.callbacks.Callback):
         last_step_stats: the newest :class:`gradwatch.StepStats` read, per variable.
 
     Raises:
-        ValueError: at construction, naming the bad parameter.
+        ValueError: at construction, naming the bad parameter (a wrong type too).
 
     Example:
         >>> import numpy as np, keras, gradwatch
@@ -105,7 +119,7 @@ class GradWatchCallback(keras.callbacks.Callback):
     def __init__(
         self,
         *,
-        rules: Sequence[Rule] = DEFAULT_RULES,
+        rules: Sequence[Rule | str] | Rule | str = DEFAULT_RULES,
         window: int = 64,
         flush_every: int = 16,
         sample_every: int = 8,
@@ -117,37 +131,31 @@ class GradWatchCallback(keras.callbacks.Callback):
         strict: bool = False,
     ) -> None:
         super().__init__()
-        self.flush_every = check_int("flush_every", flush_every, 1)
+        self.flush_every = _check_at_most("flush_every", check_int("flush_every", flush_every, 1))
         self.sample_every = check_int("sample_every", sample_every, 1)
         self.dense_until = check_int("dense_until", dense_until, 0)
         self.activations = check_bool("activations", activations)
         self.window = check_int("window", window, 1)
-        if isinstance(verbose, bool) or verbose not in (0, 1):
-            raise ValueError(f"verbose must be 0 or 1, got {verbose!r}")
-        if not (
-            isinstance(tail_derivative_fraction, (int, float))
-            and 0.0 < float(tail_derivative_fraction) < 1.0
-        ):
-            raise ValueError(
-                f"tail_derivative_fraction must be in (0, 1), got {tail_derivative_fraction!r}"
-            )
-        self.rules = tuple(rules)
+        self.verbose = _check_verbose(verbose)
+        self.tail_derivative_fraction = _check_fraction(tail_derivative_fraction)
+        self.rules = resolve_rules(rules)
         self.on_finding = on_finding
-        self.verbose = verbose
         self.strict = strict
         # Validates rules, window, on_finding and strict now, not at the start of fit.
         self._new_monitor()
         # The host-side twin of the in-graph condition in Capture._is_sampled.
         self._schedule = every(sample_every, dense_until)
-        self.tail_derivative_fraction = float(tail_derivative_fraction)
         self.report: Report | None = None
         self.last_step_stats: StepStats | None = None
         self._monitor: Monitor | None = None
         self._capture: Capture | None = None
         self._probe: Probe | None = None
         self._reader: RingReader | None = None
+        self._scope: FitScope | None = None
         self._batches_since_flush = 0
         self._flush_calls = 1
+        self._steps_per_batch = 1
+        self._steps_run = 0
 
     def _new_monitor(self) -> Monitor:
         return Monitor(
@@ -188,17 +196,25 @@ class GradWatchCallback(keras.callbacks.Callback):
         self.last_step_stats = None
         self._batches_since_flush = 0
         self._flush_calls = 1
+        self._steps_run = 0
+        # If this fit dies before on_train_end, the model's next fit, evaluate or
+        # predict (without this callback) undoes the patches first.
+        self._scope = FitScope(self.model, self.restore)
         with monitor.guard:
-            self._install(monitor)
+            self._install(monitor, self._scope)
         if not monitor.guard.enabled:
+            monitor.error_step = 0
             self.restore()
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._steps_run += self._steps_per_batch
         if self._probe is None or self._monitor is None:
             return
         if not self._monitor.guard.enabled:
             # An error (maybe while the step was traced) switched monitoring off: stop
             # paying for it too.
+            if self._monitor.error_step is None:
+                self._monitor.error_step = max(0, self._steps_run - self._steps_per_batch)
             self.restore()
             self._probe = None
             return
@@ -217,41 +233,41 @@ class GradWatchCallback(keras.callbacks.Callback):
         monitor.final = True
         if self._probe is not None and monitor.guard.enabled:
             self._flush(monitor)
+            with monitor.guard:
+                steps_seen = int(to_host(self._probe.counter))
+                note_unseen_steps(self.model, self._steps_run, steps_seen, monitor.note)
         self.restore()
         self.report = monitor.report()
 
     def restore(self) -> None:
         """Undo every patch and make Keras retrace its train function. Safe to call twice;
-        ``on_train_end`` calls it."""
+        ``on_train_end`` calls it, and so does the model's next ``fit``, ``evaluate`` or
+        ``predict`` when this ``fit`` died before it."""
+        scope, self._scope = self._scope, None
+        if scope is not None:
+            scope.remove_guards()
         if self._capture is not None:
             self._capture.uninstall(getattr(self, "_model", None))
 
     # --- installing ----------------------------------------------------------------------
 
-    def _install(self, monitor: Monitor) -> None:
+    def _install(self, monitor: Monitor, scope: FitScope) -> None:
         model = self.model
         backend = keras.backend.backend()
-        if backend not in ("tensorflow", "torch", "jax"):
-            raise NotImplementedError(
-                f"GradWatchCallback supports the tensorflow, torch and jax backends, not "
-                f"{backend!r}"
-            )
-        optimizer = getattr(model, "optimizer", None)
-        if optimizer is None:
-            raise ValueError("the model has no optimizer; call model.compile() before fit()")
+        capture_type = _capture_type(backend)
+        optimizers = watched_optimizers(model, backend, monitor.note)
+        if not optimizers:
+            return
         variables = list(model.trainable_variables)
         acts = ActivationLayers(model, self.activations)
         for note in acts.notes:
             monitor.note(note)
         spe = int(getattr(model, "steps_per_execution", 1) or 1)
+        self._steps_per_batch = spe
         # on_train_batch_end runs once per execution of `spe` steps.
         self._flush_calls = max(1, math.ceil(self.flush_every / spe))
-        # Samples that can land between two reads, with slack for the final partial one
-        # (every step is a sample during the dense start).
-        period = 1 if self.dense_until > 0 else self.sample_every
-        ring = math.ceil((self._flush_calls * spe + spe) / period) + 2
+        ring = ring_size(self._flush_calls * spe, spe, self.dense_until, self.sample_every)
         self._probe = Probe(len(variables), len(acts), ring)
-        capture_type = JaxCapture if backend == "jax" else TensorCapture
         self._capture = capture_type(
             self._probe,
             monitor.guard,
@@ -260,104 +276,45 @@ class GradWatchCallback(keras.callbacks.Callback):
             dense_until=self.dense_until,
             tail_derivative_fraction=self.tail_derivative_fraction,
             note=monitor.note,
+            live=scope.live,
         )
         self._reader = RingReader(
             self._probe, self._capture, acts, self._schedule, self.flush_every
         )
-        self._capture.install(model, optimizer)
-
-    # --- host side ---------------------------------------------------------------------------
+        self._capture.install(model, optimizers)
+        scope.guard_entry_points()
 
     def _flush(self, monitor: Monitor) -> None:
-        """Read the rings and hand what is new to the monitor. Findings are dispatched
-        outside the guard: ``on_finding`` errors are the user's, not internal ones."""
-        batch: list[StepStats] = []
-        with monitor.guard:
-            if self._reader is not None:
-                batch = self._reader.read(getattr(self, "_model", None), monitor)
-        if batch:
-            self.last_step_stats = batch[-1]
-            monitor.observe(batch)
+        if self._reader is not None:
+            newest = self._reader.flush(getattr(self, "_model", None), monitor)
+            self.last_step_stats = newest or self.last_step_stats
 
 
-class RingReader:
-    """The host side of one ``fit``: reads the probe rings and turns every slot written
-    since the last read into :class:`StepStats`, oldest first.
-
-    Args:
-        probe: the rings the train step writes.
-        capture: names the variables that had a gradient (known once traced).
-        acts: the watched activation layers, one ring row each.
-        schedule: the host twin of the in-graph sampling condition.
-        flush_every: named in the note when a slot was overwritten before it was read.
-    """
-
-    def __init__(
-        self,
-        probe: Probe,
-        capture: Capture,
-        acts: ActivationLayers,
-        schedule: Callable[[int], bool],
-        flush_every: int,
-    ) -> None:
-        self.probe = probe
-        self.capture = capture
-        self.acts = acts
-        self.schedule = schedule
-        self.flush_every = flush_every
-        self._last_read = -1
-
-    def read(self, model: keras.Model | None, monitor: Monitor) -> list[StepStats]:
-        """The new samples (one host transfer per ring); notes lost ones on ``monitor``."""
-        probe = self.probe
-        sync = getattr(model, "jax_state_sync", None)
-        if callable(sync):
-            # JAX keeps the live state outside the variables during an epoch.
-            sync()
-        steps = to_host(probe.steps)
-        fresh = np.flatnonzero(steps[:, 0] > self._last_read)
-        if fresh.size == 0:
-            return []
-        fresh = fresh[np.argsort(steps[fresh, 0])]
-        if probe.grads is None:
-            return []
-        grads = to_host(probe.grads).astype(np.float64)
-        act_rows = to_host(probe.acts).astype(np.float64) if probe.acts is not None else None
-        first = int(steps[fresh[0], 0])
-        expected = next(s for s in range(self._last_read + 1, first + 1) if self.schedule(s))
-        if first != expected:
-            monitor.note(
-                f"Samples of steps {expected}..{first - 1} were overwritten before they "
-                f"were read; lower flush_every (now {self.flush_every})."
-            )
-        self._last_read = int(steps[fresh[-1], 0])
-        n = len(self.capture.grad_names)
-        return [
-            self._step_stats(
-                int(steps[slot, 0]),
-                bool(steps[slot, 1]),
-                grads[slot, :n],
-                None if act_rows is None else act_rows[slot],
-            )
-            for slot in fresh
-        ]
-
-    def _step_stats(
-        self, step: int, skipped: bool, g: np.ndarray, a: np.ndarray | None
-    ) -> StepStats:
-        """One ring slot's :class:`StepStats`: ``g`` holds a row per variable, ``a`` a
-        row per activation layer."""
-        acts = self.acts
-        return step_stats_from_rows(
-            step,
-            self.capture.grad_names,
-            g.T,
-            act_layers=acts.names,
-            act_kinds=acts.kinds,
-            act_is_output=acts.is_output,
-            act_rows=a,
-            skipped=skipped,
+def _capture_type(backend: str) -> type[Capture]:
+    if backend not in ("tensorflow", "torch", "jax"):
+        raise NotImplementedError(
+            f"GradWatchCallback supports the tensorflow, torch and jax backends, not {backend!r}"
         )
+    return JaxCapture if backend == "jax" else TensorCapture
+
+
+def _check_at_most(name: str, value: int, maximum: int = MAX_FLUSH_EVERY) -> int:
+    # The probe holds a ring slot per sample between two reads: bounded memory.
+    if value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value!r}")
+    return value
+
+
+def _check_verbose(verbose: Any) -> int:
+    if isinstance(verbose, bool) or not isinstance(verbose, int) or verbose not in (0, 1):
+        raise ValueError(f"verbose must be 0 or 1, got {verbose!r}")
+    return verbose
+
+
+def _check_fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"tail_derivative_fraction must be in (0, 1), got {value!r}")
+    return float(value)
 
 
 __all__ = ["GradWatchCallback", "RingReader"]

@@ -3,9 +3,9 @@
 Owns the patches of one ``fit`` and their removal. :class:`Capture` holds what every
 backend shares: instance-attribute patching, the layer wrappers that remember
 activation outputs during the traced step, and the sampled branch.
-:class:`TensorCapture` is the TensorFlow and torch path: it wraps ``optimizer.apply``
-and assigns the probe variables in place (the JAX path, which must thread them as
-state, is :mod:`gradwatch.adapters.keras.capture_jax`).
+:class:`TensorCapture` is the TensorFlow and torch path: it wraps the ``apply`` of
+every optimizer the model holds and assigns the probe variables in place (the JAX
+path, which must thread them as state, is :mod:`gradwatch.adapters.keras.capture_jax`).
 
 Because the wrappers are Python, they act when the train function is traced;
 installing and uninstalling both force a retrace, so a later ``fit`` without the
@@ -15,16 +15,22 @@ callback runs the original graph.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
 from gradwatch.adapters.keras.layers import ActivationLayers, var_name
-from gradwatch.adapters.keras.probe import Probe, loss_scale, write_sample
-from gradwatch.adapters.keras.reductions import _activation_table, _is_sampled
+from gradwatch.adapters.keras.probe import Probe, grad_table, loss_scale
+from gradwatch.adapters.keras.reductions import (
+    _activation_table,
+    _is_sampled,
+    _one_hot_rows_where,
+    _one_hot_where,
+)
 from keras import ops
 
 from gradwatch.guard import Guard
+from gradwatch.rows import NONFINITE
 
 
 class Capture:
@@ -38,6 +44,8 @@ class Capture:
             :class:`gradwatch.every`).
         tail_derivative_fraction: passed to the activation reductions.
         note: adds a coverage note to the report.
+        live: whether the ``fit`` that installed the patches is still running; a
+            wrapper reached outside it (that ``fit`` raised) records nothing.
     """
 
     def __init__(
@@ -50,6 +58,7 @@ class Capture:
         dense_until: int,
         tail_derivative_fraction: float,
         note: Callable[[str], None],
+        live: Callable[[], bool] = lambda: True,
     ) -> None:
         self.probe = probe
         self.guard = guard
@@ -58,6 +67,7 @@ class Capture:
         self.dense_until = dense_until
         self.tail_derivative_fraction = tail_derivative_fraction
         self.note = note
+        self.live = live
         # Names of the variables that had a gradient, in row order (set when traced).
         self.grad_names: tuple[str, ...] = ()
         self._patches: list[tuple[Any, str]] = []
@@ -66,9 +76,10 @@ class Capture:
 
     # --- installing ------------------------------------------------------------------
 
-    def install(self, model: keras.Model, optimizer: Any) -> None:
-        """Patch ``model``, its optimizer and its activation layers; force a retrace."""
-        self._install_backend(model, optimizer)
+    def install(self, model: keras.Model, optimizers: Sequence[Any]) -> None:
+        """Patch ``model``, the ``optimizers`` that apply its gradients
+        (``model.optimizer`` first) and its activation layers; force a retrace."""
+        self._install_backend(model, optimizers)
         self.patch(model, "call", self._wrap_model_call(model.call))
         for i, layer in enumerate(self.acts.layers):
             self.patch(layer, "call", self._wrap_layer_call(layer.call, i))
@@ -76,7 +87,7 @@ class Capture:
         # it so the next trace goes through the wrappers.
         model.make_train_function(force=True)
 
-    def _install_backend(self, model: keras.Model, optimizer: Any) -> None:
+    def _install_backend(self, model: keras.Model, optimizers: Sequence[Any]) -> None:
         raise NotImplementedError
 
     def patch(self, obj: Any, name: str, fn: Callable[..., Any]) -> None:
@@ -102,8 +113,9 @@ class Capture:
 
     @contextlib.contextmanager
     def _train_step(self) -> Iterator[None]:
-        """Marks the traced train step, so layer calls outside it (validation) are ignored."""
-        self._in_train_step = True
+        """Marks the traced train step, so layer calls outside it (validation) are ignored;
+        so is a train step of a later ``fit`` that runs after this one died."""
+        self._in_train_step = self.live()
         try:
             yield
         finally:
@@ -127,9 +139,9 @@ class Capture:
         def layer_call_with_gradwatch(*args: Any, **kwargs: Any) -> Any:
             y = call(*args, **kwargs)
             if self._in_train_step and self.guard.enabled:
-                # Only remembered here; reduced in the optimizer step's one sampled
-                # branch (see TensorCapture._record_gradients), so an unsampled step
-                # runs one condition in all, not one per activation layer.
+                # Only remembered here; reduced in the one sampled branch at the end
+                # of the step (TensorCapture._end_step; JAX: compute_loss_and_updates),
+                # so an unsampled step runs no condition per activation layer.
                 self._act_last_out[index] = y
             return y
 
@@ -148,87 +160,151 @@ class Capture:
         """In-graph: is ``step`` sampled (the host twin is :class:`gradwatch.every`)?"""
         return _is_sampled(step, self.sample_every, self.dense_until)
 
-    def _when_sampled(self, step: Any, write: Callable[[], None]) -> None:
-        """Run ``write`` in the traced step only on sampled steps."""
-        if self.sample_every == 1:
-            write()
-            return
-        ops.cond(self._is_sampled(step), write, lambda: None)
-
     def _if_sampled(self, step: Any, compute: Callable[[], Any], keep: Callable[[], Any]) -> Any:
-        """``compute()`` on sampled steps, ``keep()`` on the others: the pure form of
-        :meth:`_when_sampled` for JAX, where a branch may not assign variables."""
+        """``compute()`` on sampled steps, ``keep()`` on the others (JAX: a branch may
+        not assign variables, it returns their new values)."""
         if self.sample_every == 1:
             return compute()
         return ops.cond(self._is_sampled(step), compute, keep)
 
 
-class TensorCapture(Capture):
-    """TensorFlow and torch: ``optimizer.apply`` reduces the gradients it is handed and
-    assigns the probe variables in place, inside the sampled branch."""
+class _StepState:
+    """What the train step being run (or traced) has read and written so far."""
 
-    def _install_backend(self, model: keras.Model, optimizer: Any) -> None:
+    def __init__(self, step: Any, samples: Any, sampled: Any, ring: int) -> None:
+        self.step = step
+        self.samples = samples
+        self.slot = ops.mod(samples, ring)
+        # In-graph condition, or a Python bool when known on the host (torch).
+        self.sampled = sampled
+        self.names: list[str] = []
+        self.skips: list[Any] = []
+        self.applies = 0
+
+
+class TensorCapture(Capture):
+    """TensorFlow and torch: each optimizer's ``apply`` reduces the gradients it is
+    handed into its own rows of the probe, assigned in place inside the sampled
+    branch. A custom ``train_step`` may call several (a GAN's ``d_optimizer`` and
+    ``g_optimizer``): each writes the rows of the variables it applies, under their
+    own names, and the end of the train step writes the step, the activations and
+    advances the counters. One train step is one step, however many optimizers it calls.
+    """
+
+    _step_state: _StepState | None = None
+    _model: keras.Model | None = None
+
+    def _install_backend(self, model: keras.Model, optimizers: Sequence[Any]) -> None:
+        self._model = model
         self.patch(model, "train_step", self._wrap_train_step(model.train_step))
-        self.patch(optimizer, "apply", self._wrap_apply(optimizer.apply, optimizer))
+        for optimizer in optimizers:
+            self.patch(optimizer, "apply", self._wrap_apply(optimizer.apply, optimizer))
+
+    def uninstall(self, model: keras.Model | None) -> None:
+        super().uninstall(model)
+        self._model = None
 
     def _wrap_train_step(self, train_step: Callable[..., Any]) -> Callable[..., Any]:
         def train_step_with_gradwatch(*args: Any, **kwargs: Any) -> Any:
             with self._train_step():
-                return train_step(*args, **kwargs)
+                state = None
+                if self._in_train_step and self.guard.enabled:
+                    with self.guard:
+                        state = self._begin_step()
+                self._step_state = state
+                try:
+                    outputs = train_step(*args, **kwargs)
+                finally:
+                    self._step_state = None
+                if state is not None and self.guard.enabled:
+                    with self.guard:
+                        self._end_step(state)
+                return outputs
 
         return train_step_with_gradwatch
 
     def _wrap_apply(self, apply: Callable[..., Any], optimizer: Any) -> Callable[..., Any]:
         def apply_with_gradwatch(grads: Any, trainable_variables: Any = None) -> Any:
-            if self.guard.enabled:
+            state = self._step_state
+            grads = list(grads)  # read twice: once here, once by `apply`
+            if trainable_variables is not None:
+                trainable_variables = list(trainable_variables)
+            if state is not None and self.guard.enabled:
                 with self.guard:
                     tvs = (
                         optimizer._trainable_variables
                         if trainable_variables is None
                         else trainable_variables
                     )
-                    self._record_gradients(optimizer, list(grads), list(tvs))
+                    self._record_gradients(state, optimizer, grads, list(tvs))
             return apply(grads, trainable_variables)
 
         return apply_with_gradwatch
 
-    def _record_gradients(self, optimizer: Any, grads: list[Any], variables: list[Any]) -> None:
-        """Reduce this step's gradients into the probe variables, assigned in place
-        inside the sampled branch."""
+    def _begin_step(self) -> _StepState:
+        probe = self.probe
+        step = probe.counter.value
+        sampled: Any = True if self.sample_every == 1 else self._is_sampled(step)
+        if keras.backend.backend() == "torch" and not isinstance(sampled, bool):
+            # Eager: one host read per step, not one per optimizer and one at the end.
+            sampled = bool(ops.convert_to_numpy(sampled))
+        return _StepState(step, probe.samples.value, sampled, probe.ring)
+
+    def _when(self, sampled: Any, compute: Callable[[], Any], keep: Callable[[], Any]) -> Any:
+        if isinstance(sampled, bool):
+            return compute() if sampled else keep()
+        return ops.cond(sampled, compute, keep)
+
+    def _record_gradients(
+        self, state: _StepState, optimizer: Any, grads: list[Any], variables: list[Any]
+    ) -> None:
+        """Reduce the gradients of one ``apply`` into their rows of this step's slot."""
         probe = self.probe
         # Read before `apply`, which may change LossScaleOptimizer's dynamic scale.
         scale = loss_scale(optimizer)
         dynamic = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        present = [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
-        grad_ring = probe.ensure_grads(len(present))
         # A variable the loss does not depend on has no gradient to judge: left out.
-        self.grad_names = tuple(var_name(v) for _, v in present)
-        step = probe.counter.value
-        # This step's activation outputs, recorded by the layer wrappers during its
-        # forward pass (the same traced step, so they can be used here).
+        present = [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+        offset = len(state.names)
+        state.names.extend(var_name(v) for _, v in present)
+        state.applies += 1
+        if not present:
+            return
+        model = self._model
+        capacity = 0 if model is None else len(model.trainable_variables)
+        ring = probe.ensure_grads(len(state.names), capacity)
+
+        def write() -> Any:
+            table = grad_table(
+                [g for g, _ in present], [v for _, v in present], scale, state.samples
+            )
+            ring.assign(_one_hot_rows_where(state.slot, probe.ring, offset, table, ring.value))
+            if dynamic:
+                return ops.cast(ops.greater(ops.sum(table[:, NONFINITE]), 0.0), "int32")
+            return ops.zeros((), "int32")
+
+        state.skips.append(self._when(state.sampled, write, lambda: ops.zeros((), "int32")))
+
+    def _end_step(self, state: _StepState) -> None:
+        """Write the step, whether it was skipped and the activations; count it."""
+        probe = self.probe
+        if not state.applies:
+            return  # no optimizer of ours applied anything: not a step (noted at the end)
+        self.grad_names = tuple(state.names)
         outputs = dict(self._act_last_out)
         acts = probe.acts
 
         def write() -> None:
-            current = {"grads": grad_ring.value, "steps": probe.steps.value}
-            current["samples"] = probe.samples.value
+            skipped = ops.max(ops.stack(state.skips)) if state.skips else ops.zeros((), "int32")
+            entry = ops.stack([ops.cast(state.step, "int32"), skipped])
+            probe.steps.assign(_one_hot_where(state.slot, probe.ring, entry, probe.steps.value))
             if acts is not None:
-                current["acts"] = acts.value
-            new = write_sample(
-                probe,
-                current,
-                step,
-                [g for g, _ in present],
-                [v for _, v in present],
-                scale,
-                dynamic,
-                None if acts is None else lambda: self._activation_table(outputs),
-            )
-            for name, value in new.items():
-                getattr(probe, name).assign(value)
+                table = self._activation_table(outputs)
+                acts.assign(_one_hot_where(state.slot, probe.ring, table, acts.value))
+            probe.samples.assign(state.samples + 1)
 
-        self._when_sampled(step, write)
-        probe.counter.assign(step + 1)
+        self._when(state.sampled, write, lambda: None)
+        probe.counter.assign(state.step + 1)
 
 
 __all__ = ["Capture", "TensorCapture"]

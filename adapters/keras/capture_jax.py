@@ -10,7 +10,7 @@ is wrapped instead of ``apply``, and activation outputs are reduced inside
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -40,7 +40,10 @@ class JaxCapture(Capture):
     # The optimizer whose `_variables` list carries the probe, and the probe variables.
     _attached: tuple[Any, list[keras.Variable]] | None = None
 
-    def _install_backend(self, model: keras.Model, optimizer: Any) -> None:
+    def _install_backend(self, model: keras.Model, optimizers: Sequence[Any]) -> None:
+        # Only model.optimizer: its variables are the state Keras threads through the
+        # step (the callback notes the optimizers a custom train_step holds itself).
+        optimizer = optimizers[0]
         probe = self.probe
         if getattr(keras.config, "is_nnx_enabled", lambda: False)():
             # NNX's jit calls type(model).train_step, past the instance wrapper.

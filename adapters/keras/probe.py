@@ -11,6 +11,7 @@ captures) and a probe variable's copy to the host (for the callback).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -47,20 +48,22 @@ class Probe:
                 np.full((ring, n_acts, ACT_ROWS), np.nan, np.float32), name="gradwatch_acts", **kw
             )
 
-    def ensure_grads(self, n_vars: int) -> keras.Variable:
-        """The gradient ring, created on first use when the model was not built before
-        fit (a subclassed model builds inside the first traced step; Keras creates
-        variables there under ``tf.init_scope``, as the optimizer does)."""
+    def ensure_grads(self, n_vars: int, capacity: int = 0) -> keras.Variable:
+        """The gradient ring, with room for ``n_vars`` rows (and for ``capacity``, the
+        model's trainable variables now, when it is created here: on first use when the
+        model was not built before fit; a subclassed model builds inside the first
+        traced step, and Keras creates variables there under ``tf.init_scope``, as the
+        optimizer does)."""
         if self.grads is None:
-            self.n_vars = n_vars
+            self.n_vars = max(n_vars, capacity)
             self.grads = keras.Variable(
-                np.zeros((self.ring, max(n_vars, 1), GRAD_ROWS), np.float32),
+                np.zeros((self.ring, max(self.n_vars, 1), GRAD_ROWS), np.float32),
                 trainable=False,
                 name="gradwatch_grads",
             )
         if n_vars > self.n_vars:
             raise RuntimeError(
-                f"the optimizer applies {n_vars} gradients but the model listed "
+                f"the train step applies {n_vars} gradients but the model listed "
                 f"{self.n_vars} trainable variables at the start of fit"
             )
         return self.grads
@@ -85,25 +88,14 @@ def write_sample(
     """New values of the rings (``grads``, ``steps``, ``acts``) and of ``samples``
     after writing one sample, from their ``current`` values. Pure, so the TensorFlow
     and torch path assigns the result and the JAX path returns it as state."""
-    rows = []
-    for g in grads:
-        if scale is not None:
-            g = ops.divide(ops.cast(g, "float32"), ops.cast(scale, "float32"))
-        rows.append(_grad_row(g))
     samples = current["samples"]
-    if param_norms is None and rows:
-        param_norms = _param_norms(params, samples)
-    table = (
-        ops.zeros((0, GRAD_ROWS), "float32")
-        if not rows
-        else ops.concatenate([ops.stack(rows), ops.expand_dims(param_norms, -1)], axis=1)
-    )
+    table = grad_table(grads, params, scale, samples, param_norms)
     # Rows in call order (model order), zero-padded to the probe's fixed shape.
-    padding = probe.n_vars - len(rows)
+    padding = probe.n_vars - len(grads)
     if padding:
         table = ops.concatenate([table, ops.zeros((padding, GRAD_ROWS), "float32")], axis=0)
     slot = ops.mod(samples, probe.ring)
-    if dynamic and rows:
+    if dynamic and grads:
         skipped = ops.cast(ops.greater(ops.sum(table[:, NONFINITE]), 0.0), "int32")
     else:
         skipped = ops.convert_to_tensor(0, "int32")
@@ -115,6 +107,27 @@ def write_sample(
         new["acts"] = _one_hot_where(slot, probe.ring, activation_table(), current["acts"])
     new["samples"] = samples + 1
     return new
+
+
+def grad_table(
+    grads: list[Any], params: list[Any], scale: Any, samples: Any, param_norms: Any = None
+) -> Any:
+    """``(len(grads), GRAD_ROWS)``: one :data:`gradwatch.rows.GRAD_ROW_FIELDS` row per
+    gradient, divided by ``scale`` first (``None``: unscaled); the weight norms are
+    measured on the samples :func:`_param_norms` picks unless ``param_norms`` is given."""
+    if not grads:
+        return ops.zeros((0, GRAD_ROWS), "float32")
+    rows = ops.stack([_grad_row(g, scale) for g in grads])
+    if param_norms is None:
+        param_norms = _param_norms(params, samples)
+    return ops.concatenate([rows, ops.expand_dims(param_norms, -1)], axis=1)
+
+
+def ring_size(steps_between_reads: int, spe: int, dense_until: int, sample_every: int) -> int:
+    """Slots for the samples that can land between two reads, with slack for the final
+    partial one (every step is a sample during the dense start)."""
+    period = 1 if dense_until > 0 else sample_every
+    return math.ceil((steps_between_reads + spe) / period) + 2
 
 
 def loss_scale(optimizer: Any) -> Any:
@@ -137,4 +150,4 @@ def to_host(variable: keras.Variable) -> np.ndarray:
     return np.asarray(numpy() if callable(numpy) else value)
 
 
-__all__ = ["Probe", "loss_scale", "to_host", "write_sample"]
+__all__ = ["Probe", "grad_table", "loss_scale", "ring_size", "to_host", "write_sample"]

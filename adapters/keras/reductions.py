@@ -20,30 +20,59 @@ from gradwatch.activations import CAN_DIE, CAN_SATURATE, SQUASHING, tail_bounds
 from gradwatch.rows import ACT_ROWS
 
 
-def _grad_row(grad: Any) -> Any:
+def _grad_row(grad: Any, scale: Any = None) -> Any:
     """``[norm, max_abs, sum_abs, nonzero, nonfinite, numel]`` of one gradient, in-graph
     (the parameter norm, the seventh field, comes from :func:`_param_norms`).
+
+    ``scale`` is what the gradient is divided by first (a loss scale), or ``None``.
+    Shapes may be unknown when traced (``tf.data``, a partial last batch, a
+    ``tf.IndexedSlices`` of unknown dense shape): the entry count is computed in-graph.
 
     Six passes over the data, the fewest that give every statistic with plain ops: a
     dot product (squared norm), ``|g|``, its max and sum, and ``sign(|g|)`` summed (the
     count of non-zero entries). As in the torch adapter, a gradient with Inf/NaN
-    entries has an Inf/NaN norm, max and sum, a ``nonfinite`` flag of 1 (a lower
-    bound of the count) and an unknown zero fraction (set on the host).
+    entries has an Inf/NaN norm and sum, a ``nonfinite`` flag of 1 (a lower bound of
+    the count) and an unknown zero fraction (set on the host). The flag reads the sum
+    as well as the max: a sum propagates NaN on every kernel, a max need not.
     """
-    g = ops.reshape(ops.cast(grad, "float32"), (-1,))
-    numel = max(int(np.prod(grad.shape)), 1)
+    g, numel = _flat_entries(grad)
+    if scale is not None:
+        g = ops.divide(g, ops.cast(scale, "float32"))
     a = ops.abs(g)
     max_abs = ops.max(a)
+    sum_abs = ops.sum(a)
+    bad = ops.logical_or(ops.logical_not(ops.isfinite(max_abs)), ops.isnan(sum_abs))
     return ops.stack(
         [
             ops.sqrt(ops.vdot(g, g)),
             max_abs,
-            ops.sum(a),
+            sum_abs,
             ops.sum(ops.sign(a)),
-            ops.cast(ops.logical_not(ops.isfinite(max_abs)), "float32"),
-            ops.convert_to_tensor(float(numel), "float32"),
+            ops.cast(bad, "float32"),
+            numel,
         ]
     )
+
+
+def _flat_entries(grad: Any) -> tuple[Any, Any]:
+    """The entries of ``grad`` as a flat float32 tensor, and the entry count of the
+    dense gradient (at least 1) as a float32 tensor.
+
+    A ``tf.IndexedSlices`` (the gradient of an ``Embedding`` or a gather) is summed
+    over repeated indices, its only non-zero entries, with one zero appended so that
+    the max of no looked-up row is 0; it is never made dense.
+    """
+    if type(grad).__name__ == "IndexedSlices" and getattr(grad, "dense_shape", None) is not None:
+        import tensorflow as tf
+
+        rows, position = tf.unique(grad.indices)
+        summed = tf.math.unsorted_segment_sum(grad.values, position, tf.shape(rows)[0])
+        g = ops.concatenate([ops.reshape(ops.cast(summed, "float32"), (-1,)), ops.zeros((1,))])
+        numel = ops.prod(ops.cast(grad.dense_shape, "float32"))
+    else:
+        g = ops.reshape(ops.cast(grad, "float32"), (-1,))
+        numel = ops.cast(ops.size(g), "float32")
+    return g, ops.maximum(numel, 1.0)
 
 
 def _param_norms(variables: list[Any], sample: Any, sampled: Any = None) -> Any:
@@ -67,27 +96,47 @@ def _param_norms(variables: list[Any], sample: Any, sampled: Any = None) -> Any:
 def _activation_row(y: Any, kind: str, unit_axis: int, derivative_fraction: float) -> Any:
     """``[inactive, dead, tail]`` fractions of one activation output, in-graph.
 
-    Mirrors :func:`gradwatch.activations.activation_stats_from_array` (NaN is neither
-    inactive nor in a tail). For the ReLU family one pass counts each unit's inactive
-    outputs, and both fractions follow from those counts.
+    Over the finite entries only: a NaN or Inf output is never inactive nor in a tail,
+    whatever ``relu(NaN)`` returns on the machine (oneDNN and the vector width decide),
+    and a unit is dead when it has finite outputs and all of them are inactive. With
+    no finite entry at all the row is NaN: unknown, left out on the host. On finite
+    outputs this is :func:`gradwatch.activations.activation_stats_from_array`.
+    Shapes may be unknown when traced: counts are computed in-graph.
     """
     y = ops.cast(ops.stop_gradient(y), "float32")
-    zero = ops.convert_to_tensor(0.0, "float32")
+    finite = ops.isfinite(y)
+    known = ops.sum(ops.cast(finite, "float32"))
+    zero = ops.zeros((), "float32")
     inactive_frac = dead_frac = tail_frac = zero
     if kind in CAN_DIE:
-        inactive = ops.cast(ops.less_equal(y, 0.0), "float32")
-        moved = ops.moveaxis(inactive, unit_axis, -1) if unit_axis != -1 else inactive
-        per_unit = ops.sum(ops.reshape(moved, (-1, moved.shape[-1])), axis=0)
-        rows = ops.cast(ops.size(inactive), "float32") / float(moved.shape[-1])
-        inactive_frac = ops.sum(per_unit) / (rows * float(moved.shape[-1]))
-        dead_frac = ops.mean(ops.cast(ops.greater_equal(per_unit, rows), "float32"))
+        inactive = ops.logical_and(ops.less_equal(y, 0.0), finite)
+        per_unit, per_unit_known = _per_unit_counts([inactive, finite], unit_axis)
+        inactive_frac = ops.sum(per_unit) / known
+        judged = ops.greater(per_unit_known, 0.0)
+        dead = ops.logical_and(judged, ops.greater_equal(per_unit, per_unit_known))
+        dead_frac = ops.sum(ops.cast(dead, "float32")) / ops.sum(ops.cast(judged, "float32"))
     elif kind not in SQUASHING:  # tanh is negative half the time: "inactive" means nothing
-        inactive_frac = ops.mean(ops.cast(ops.less_equal(y, 0.0), "float32"))
+        inactive = ops.logical_and(ops.less_equal(y, 0.0), finite)
+        inactive_frac = ops.sum(ops.cast(inactive, "float32")) / known
     if kind in CAN_SATURATE:
         lo, hi = tail_bounds(kind, derivative_fraction)
         tails = ops.logical_or(ops.less_equal(y, lo), ops.greater_equal(y, hi))
-        tail_frac = ops.mean(ops.cast(tails, "float32"))
-    return ops.stack([inactive_frac, dead_frac, tail_frac])
+        tail_frac = ops.sum(ops.cast(ops.logical_and(tails, finite), "float32")) / known
+    # 0/0 is NaN, but say it outright for every field: no finite entry, nothing known.
+    unknown = ops.equal(known, 0.0)
+    row = ops.stack([inactive_frac, dead_frac, tail_frac])
+    return ops.where(unknown, ops.full((ACT_ROWS,), math.nan, "float32"), row)
+
+
+def _per_unit_counts(masks: Sequence[Any], unit_axis: int) -> list[Any]:
+    """For each boolean mask, the count of its true entries per unit (along
+    ``unit_axis``), the unit count read in-graph (it may be unknown when traced)."""
+    counts = []
+    for mask in masks:
+        moved = ops.moveaxis(mask, unit_axis, -1) if unit_axis != -1 else mask
+        units = ops.shape(moved)[-1]
+        counts.append(ops.sum(ops.reshape(ops.cast(moved, "float32"), (-1, units)), axis=0))
+    return counts
 
 
 def _activation_table(
@@ -116,3 +165,21 @@ def _one_hot_where(index: Any, size: int, new: Any, old: Any) -> Any:
     mask = ops.equal(ops.arange(size, dtype="int32"), ops.cast(index, "int32"))
     mask = ops.reshape(mask, (size,) + (1,) * (len(old.shape) - 1))
     return ops.where(mask, ops.expand_dims(new, 0), old)
+
+
+def _one_hot_rows_where(slot: Any, size: int, offset: int, rows: Any, old: Any) -> Any:
+    """``old`` (``(size, n, fields)``) with rows ``offset .. offset + len(rows)`` of entry
+    ``slot`` replaced by ``rows`` (``(k, fields)``, ``k`` known when traced)."""
+    n, k = int(old.shape[1]), int(rows.shape[0])
+    fields = int(old.shape[2])
+    parts = [rows]
+    if offset:
+        parts.insert(0, ops.zeros((offset, fields), "float32"))
+    if n - offset - k:
+        parts.append(ops.zeros((n - offset - k, fields), "float32"))
+    padded = ops.concatenate(parts, axis=0) if len(parts) > 1 else rows
+    in_rows = np.zeros((1, n, 1), bool)
+    in_rows[0, offset : offset + k] = True
+    in_slot = ops.equal(ops.arange(size, dtype="int32"), ops.cast(slot, "int32"))
+    mask = ops.logical_and(ops.reshape(in_slot, (size, 1, 1)), ops.convert_to_tensor(in_rows))
+    return ops.where(mask, ops.expand_dims(padded, 0), old)

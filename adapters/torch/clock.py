@@ -13,13 +13,23 @@ What one "step" is:
   Without a scaler no step is ever called skipped: gradients a loop throws away with
   ``zero_grad()`` (a GAN's discriminator after the generator's step) are not a skip;
 * without one: one finished backward pass (a callback queued on the autograd engine when
-  the first gradient of the pass is ready), or each :meth:`StepClock.manual_step` call
-  once the loop starts marking steps by hand.
+  the pass begins), or each :meth:`StepClock.manual_step` call once the loop starts
+  marking steps by hand.
 
-The clock owns the step count, the gradient hooks that see a backward pass begin and the
-optimizer hooks; and it notices when the parameters change (``add_param_group``, a
-``to_empty()`` after meta-device init) and asks the watch to find them again. It computes
-nothing: it calls the watch back at each step.
+A step that is not sampled pays nothing per tensor: no per-parameter Python hook runs on
+it. With an optimizer the step pre-hook is the only hook on the path (and, with a
+``scaler``, one forward pre-hook on the watched module, where a skipped step shows). Without
+one, a backward pass is seen where it begins, at the model's output: a forward hook on the
+watched module hooks the output tensors, one Python call per forward and one per backward.
+Until that route has seen a backward pass, and for good in a loop whose loss never goes
+through the module's own forward (``model.encoder(x)``), per-parameter hooks see it instead.
+A ``torch.compile``'d model keeps per-parameter hooks (module hooks would break its graph).
+
+The clock owns the step count, the hooks that see a backward pass begin and the optimizer
+hooks; and it notices when the parameters change (``add_param_group``, a ``to_empty()``
+after meta-device init) and asks the watch to find them again. Parameters unfrozen
+mid-run need no hook: the gradient reducer reads ``requires_grad`` on the steps it
+reduces. It computes nothing: it calls the watch back at each step.
 """
 
 from __future__ import annotations
@@ -32,6 +42,12 @@ import torch
 from gradwatch.adapters.torch.gate import HookGate, register_module_hook
 from torch import nn
 from torch.amp.grad_scaler import OptState
+
+# Output tensors hooked per forward, items of a nested output looked at to find them, and
+# hooks of recent forwards kept (to remove at close; older graphs are gone).
+_MAX_OUTPUT_TENSORS = 8
+_MAX_OUTPUT_ITEMS = 64
+_MAX_OUTPUT_HANDLES = 64
 
 
 class StepClock:
@@ -51,6 +67,9 @@ class StepClock:
             ``True`` counts the step.
         on_params_changed: ``() -> None``, when the parameters may have changed: the watch
             finds them again and calls :meth:`set_params`.
+        module_hooks: see backward passes (no optimizer) and skipped steps (scaler)
+            through hooks on ``root``; ``False`` (a ``torch.compile``'d model) hooks every
+            parameter instead. Defaults to ``True``.
     """
 
     def __init__(
@@ -66,6 +85,7 @@ class StepClock:
         on_advance: Callable[[int], None],
         on_idle_step: Callable[[int], bool],
         on_params_changed: Callable[[], None],
+        module_hooks: bool = True,
     ) -> None:
         self.step_count = 0
         self._gate = gate
@@ -86,11 +106,26 @@ class StepClock:
         self._meta_handle: Any = None
         self._root = weakref.ref(root)
         self._grad_ready = gate.hook(self._on_grad_ready, guarded=False)
+        self._output_grad = gate.hook(self._on_output_grad, guarded=False)
         self._backward_end = gate.hook(self._end_backward)
         self._params: list[torch.Tensor] = []
         self._hooked: set[int] = set()
+        # Hooks on recent forwards' outputs (each dies with its graph; removed at close).
+        self._output_handles: list[Any] = []
+        self._output_fired = False  # the output route saw the current backward pass
+        needs_backward = optimizer is None or scaler is not None
+        # Per-parameter hooks: a compiled model; or no optimizer, until the output route
+        # has seen a backward pass.
+        self._param_hooks = needs_backward and (optimizer is None or not module_hooks)
         self._group_sizes = self._optimizer_layout()
         self.set_params(params)
+        if needs_backward and module_hooks:
+            if scaler is not None:
+                before = gate.hook(self._before_root_forward, guarded=False)
+                self._handles.append(register_module_hook(root, before, pre=True))
+            if optimizer is None:
+                after = gate.hook(self._after_root_forward, guarded=False)
+                self._handles.append(register_module_hook(root, after))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._on_optimizer_step))
             post = gate.hook(self._after_optimizer_step, guarded=False)
@@ -99,6 +134,8 @@ class StepClock:
     def manual_step(self) -> None:
         """End a step by hand; from then on backward passes no longer end steps."""
         self._manual = True
+        if self._optimizer is None:  # backward passes no longer matter
+            self._drop_param_hooks()
         self._end_step()
 
     def set_params(self, params: Sequence[torch.Tensor]) -> None:
@@ -120,7 +157,10 @@ class StepClock:
             self._meta_handle = None
 
     def hook_params(self) -> None:
-        """Hook the parameters that require gradients and are not hooked yet."""
+        """Hook the parameters that require gradients and are not hooked yet (only while
+        per-parameter hooks are how backward passes are seen)."""
+        if not self._param_hooks:
+            return
         for index, param in enumerate(self._params):
             if index in self._hooked or not param.requires_grad:
                 continue
@@ -129,10 +169,11 @@ class StepClock:
 
     def close(self) -> None:
         """Remove every hook. Idempotent."""
-        for handle in (*self._handles, *self._param_handles):
+        for handle in (*self._handles, *self._param_handles, *self._output_handles):
             handle.remove()
         self._handles.clear()
         self._param_handles.clear()
+        self._output_handles.clear()
         if self._meta_handle is not None:
             self._meta_handle.remove()
             self._meta_handle = None
@@ -141,17 +182,21 @@ class StepClock:
     # --- hook bodies -----------------------------------------------------------------
 
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
-        self._stepped = True
         if not self._gate.enabled:
+            self._stepped = True
             if self._on_idle_step(self.step_count):
                 self.step_count += 1
             return None
         with self._gate.guard:
+            if self._scaler is not None:  # a skip not seen at a forward since
+                self._check_skipped_by_scaler()
+            self._stepped = True
             layout = self._optimizer_layout()
             if layout != self._group_sizes:  # add_param_group: find the parameters again
                 self._group_sizes = layout
                 self._on_params_changed()
-            self.hook_params()  # parameters unfrozen since the last step
+            if self._param_hooks:  # a compiled model's parameters unfrozen since
+                self.hook_params()
             # torch passes the optimizer itself as args[0], then step()'s own arguments.
             at = 1 if args and args[0] is optimizer else 0
             closure = kwargs.get("closure") if kwargs else None
@@ -192,6 +237,29 @@ class StepClock:
         with self._gate.guard:
             self._begin_backward()
 
+    def _before_root_forward(self, module: nn.Module, args: Any) -> None:
+        # A skip the scaler made since the last forward (scaler.update() ran since).
+        with self._gate.guard:
+            self._check_skipped_by_scaler()
+
+    def _after_root_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        """A training forward without an optimizer: each output tensor that carries a
+        graph gets one gradient hook; the first to fire begins the backward pass."""
+        if self._manual or not torch.is_grad_enabled():
+            return
+        with self._gate.guard:
+            handles = self._output_handles
+            if len(handles) >= _MAX_OUTPUT_HANDLES:  # the oldest graphs (and their
+                del handles[: _MAX_OUTPUT_HANDLES // 2]  # hooks) are gone by now
+            handles.extend(t.register_hook(self._output_grad) for t in _output_tensors(output))
+
+    def _on_output_grad(self, grad: torch.Tensor) -> None:
+        self._output_fired = True
+        if self._in_backward:
+            return
+        with self._gate.guard:
+            self._begin_backward()
+
     def _begin_backward(self) -> None:
         self._in_backward = True
         if self._scaler is not None:
@@ -214,8 +282,19 @@ class StepClock:
 
     def _end_backward(self) -> None:
         self._in_backward = False
+        if self._output_fired:  # the output route works here: per-parameter hooks go
+            self._output_fired = False
+            if self._optimizer is None:
+                self._drop_param_hooks()
         if self._optimizer is None and not self._manual:
             self._end_step()
+
+    def _drop_param_hooks(self) -> None:
+        self._param_hooks = False
+        for handle in self._param_handles:
+            handle.remove()
+        self._param_handles.clear()
+        self._hooked.clear()
 
     def _end_step(self) -> None:
         self._on_step(self.step_count)
@@ -248,6 +327,24 @@ class _ClosureProbe:
             if self.clock._gate.enabled:
                 self.clock._closure_returned()
         return result
+
+
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors that carry a graph in a forward's output (a tensor, or nested
+    tuples, lists and dicts of them, as a transformers ``ModelOutput``); a bounded walk."""
+    found: list[torch.Tensor] = []
+    stack, visited = [output], 0
+    while stack and visited < _MAX_OUTPUT_ITEMS and len(found) < _MAX_OUTPUT_TENSORS:
+        item = stack.pop()
+        visited += 1
+        if isinstance(item, torch.Tensor):
+            if item.requires_grad:
+                found.append(item)
+        elif isinstance(item, (tuple, list)):
+            stack.extend(reversed(item))
+        elif isinstance(item, dict):
+            stack.extend(reversed(list(item.values())))
+    return found
 
 
 __all__ = ["StepClock"]

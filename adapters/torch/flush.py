@@ -14,12 +14,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from gradwatch.adapters.torch.reductions import GRAD_ROWS, activation_fractions
+from gradwatch.adapters.torch.grad_reductions import GRAD_ROWS
+from gradwatch.adapters.torch.reductions import activation_fractions
 
 from gradwatch.rows import ACT_ROWS, GRAD_ROW_FIELDS, step_stats_from_rows
 from gradwatch.stats import StepStats
@@ -39,7 +41,7 @@ class PendingStep:
     skipped: bool = False
     grad_indices: list[int] = field(default_factory=list)
     grad_parts: list[torch.Tensor] = field(default_factory=list)
-    # Unsampled steps: per device group, the sum of squared gradient norms (0-d).
+    # Unsampled steps: per device group, the total gradient norm (0-d).
     total_parts: list[torch.Tensor] = field(default_factory=list)
     sparse_numel: dict[int, int] = field(default_factory=dict)
     act_names: list[str] = field(default_factory=list)
@@ -103,9 +105,8 @@ class PendingSteps:
         # Read in the order drain() concatenated them: gradients, total norms, activations.
         grad_cols = [next(host[t.device]).reshape(GRAD_ROWS, -1) for t in record.grad_parts]
         total_norm = None
-        if record.total_parts:
-            squares = sum(float(next(host[t.device])[0]) for t in record.total_parts)
-            total_norm = float(np.sqrt(squares))
+        if record.total_parts:  # hypot scales: groups of 1e200 do not overflow
+            total_norm = math.hypot(*(float(next(host[t.device])[0]) for t in record.total_parts))
         layers: tuple[str, ...] = ()
         grad_rows = None
         if grad_cols:

@@ -21,19 +21,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
 import torch
 from gradwatch.adapters.torch.flush import GradLayout, PendingStep
-from gradwatch.adapters.torch.reductions import (
+from gradwatch.adapters.torch.grad_reductions import (
     GRAD_ROWS,
     grad_stats_on_device,
-    squared_norms_on_device,
+    total_norm_on_device,
 )
 from gradwatch.adapters.torch.sharded import (
     combine_grad_stats,
-    combine_sum,
+    combine_norms,
     local_values,
     sharding_of,
 )
@@ -47,6 +48,13 @@ class _GradGroup:
     indices: list[int]
     device: torch.device
     shard_group: Any = None
+    plain: bool = False  # dense tensors, not DTensors: reduced as they are
+
+    def tensors(self, by_index: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors to reduce, from gradients (or parameters) by index."""
+        if self.plain:
+            return [by_index[i] for i in self.indices]
+        return [_dense_values(by_index[i]) for i in self.indices]
 
 
 class GradReducer:
@@ -89,11 +97,14 @@ class GradReducer:
         with_weights = self._samples < 5 or self._samples % 5 == 0
         self._samples += 1
         for group in self._groups:
-            tensors = [_dense_values(grads[i]) for i in group.indices]
+            tensors = group.tensors(grads)
             pending.grad_indices.extend(group.indices)
-            weights = (
-                [local_values(params[i].detach()) for i in group.indices] if with_weights else None
-            )
+            weights = None
+            if with_weights:  # read in place (no autograd: C kernels or no_grad torch ops)
+                weights = [
+                    params[i] if group.plain else local_values(params[i].detach())
+                    for i in group.indices
+                ]
             stats = grad_stats_on_device(tensors, weights)
             if group.shard_group is not None:
                 stats = combine_grad_stats(stats, group.shard_group)
@@ -104,17 +115,17 @@ class GradReducer:
 
     def reduce_total_norm(self, pending: PendingStep) -> None:
         """One fused norm per device group: the total norm of a step not sampled per
-        layer, so growth, spikes and NaN between samples are still seen."""
+        layer, so growth, spikes and NaN between samples are still seen. Each group's is
+        a 0-d norm, right at any scale (never a sum of squares, which overflows)."""
         grads = self._live_grads()
         if not grads:
             return
         with torch.no_grad():
             for group in self._groups:
-                tensors = [_dense_values(grads[i]) for i in group.indices]
-                squares = squared_norms_on_device(tensors).sum()
+                norm = total_norm_on_device(group.tensors(grads))
                 if group.shard_group is not None:
-                    squares = combine_sum(squares, group.shard_group)
-                pending.total_parts.append(squares)
+                    norm = combine_norms(norm, group.shard_group)
+                pending.total_parts.append(norm)
 
     def join_collectives(self, per_layer: bool) -> None:
         """The all_reduces of one step's reductions, on zeros: what a healthy watch on
@@ -127,7 +138,8 @@ class GradReducer:
                 zeros = torch.zeros(GRAD_ROWS, len(group.indices), device=group.device)
                 combine_grad_stats(zeros, group.shard_group)
             else:
-                combine_sum(torch.zeros((), device=group.device), group.shard_group)
+                zero = torch.zeros((), dtype=torch.float64, device=group.device)
+                combine_norms(zero, group.shard_group)
 
     def layout(self, record: PendingStep) -> GradLayout:
         """Column order (model order), layer names and entry counts of a record's
@@ -159,15 +171,38 @@ class GradReducer:
         return int(self.params[index].numel()) if index < len(self.params) else 0
 
     def _live_grads(self) -> dict[int, torch.Tensor]:
-        """Present gradients by parameter index; regroups when their layout changes."""
-        live = [
-            (i, p.grad)
-            for i, p in enumerate(self.params)
-            if p.requires_grad and p.grad is not None and p.grad.numel() > 0
-        ]
-        key = tuple((i, g.device, g.dtype, g.is_sparse) for i, g in live if g is not None)
-        if live and key != self._groups_key:
-            self._groups, left_out = group_params(live)
+        """Present gradients by parameter index; regroups when their layout changes.
+
+        It runs on every step that is reduced, so the common case (every watched
+        parameter trainable and with a gradient) reads each attribute in one C-level
+        ``map`` (~0.2 us a tensor; a Python loop over the tensors took ~2.5 us each)."""
+        params = self.params
+        grads = list(map(_GRAD, params))
+        # (``is None``, never ``None in grads``: that compares tensors with ==.)
+        if any(g is None for g in grads) or not all(map(_REQUIRES_GRAD, params)):
+            live = [
+                (i, g) for i, g in enumerate(grads) if g is not None and params[i].requires_grad
+            ]
+            indices: tuple[int, ...] | None = tuple(i for i, _ in live)
+            grads = [g for _, g in live]
+        else:
+            indices = None  # all of them
+        if not grads:
+            return {}
+        # What the grouping depends on, per gradient: its index, dtype, device, type
+        # (a DTensor) and layout (sparse); a parameter's size never changes.
+        key = (
+            indices,
+            len(grads),
+            tuple(map(_DTYPE, grads)),
+            tuple(map(_DEVICE, grads)),
+            tuple(map(type, grads)),
+            tuple(map(_LAYOUT, grads)),
+        )
+        by_index = dict(zip(range(len(grads)) if indices is None else indices, grads, strict=True))
+        if key != self._groups_key:
+            live_items = [(i, g) for i, g in by_index.items() if g.numel() > 0]
+            self._groups, left_out = group_params(live_items)
             self._groups_key = key
             if left_out:
                 self._note(
@@ -175,7 +210,14 @@ class GradReducer:
                     "cannot combine across ranks (Partial placements or several sharded "
                     f"mesh dimensions): {', '.join(self.names[i] for i in left_out)}."
                 )
-        return {i: g for i, g in live if g is not None}
+        return by_index
+
+
+_GRAD = attrgetter("grad")
+_REQUIRES_GRAD = attrgetter("requires_grad")
+_DTYPE = attrgetter("dtype")
+_DEVICE = attrgetter("device")
+_LAYOUT = attrgetter("layout")
 
 
 def _dense_values(grad: torch.Tensor | None) -> torch.Tensor:
@@ -208,8 +250,9 @@ def group_params(
             left_out.append(i)
             continue
         shard_group = sharding.group if sharding is not None else None
-        key = (g.device, g.dtype, id(shard_group))
-        groups.setdefault(key, _GradGroup([], g.device, shard_group)).indices.append(i)
+        key = (g.device, g.dtype, id(shard_group), sharding is None)
+        group = groups.setdefault(key, _GradGroup([], g.device, shard_group, sharding is None))
+        group.indices.append(i)
     return [*groups.values(), *singles], left_out
 
 

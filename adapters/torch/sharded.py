@@ -1,10 +1,11 @@
 """Sharded gradients (FSDP2 ``fully_shard``, DTensor): statistics of the whole tensor
 from each rank's shard.
 
-Each rank reduces its local shard on its device, then one ``all_reduce`` (sum) of the
-squares, sums and counts and one (max) of the max |g| make every rank hold the
-statistics of the whole gradient: norms combine as the square root of the summed
-squares over ranks, never per shard. Replicated placements need no combining (the local
+Each rank reduces its local shard on its device, then one ``all_reduce`` (max) of the
+max |g| and the norms and one (sum) of the scaled squares, sums and counts make every
+rank hold the statistics of the whole gradient: norms combine as the square root of the
+summed squares over ranks, scaled by the largest (1e200 squared would overflow), never
+per shard. Replicated placements need no combining (the local
 tensor is the whole tensor). Layouts gradwatch cannot combine correctly (``Partial``
 placements, several sharded mesh dimensions) are left out of the statistics and said
 so in the report.
@@ -78,27 +79,50 @@ def local_values(t: torch.Tensor) -> torch.Tensor:
 
 
 def combine_grad_stats(stats: torch.Tensor, group: Any) -> torch.Tensor:
-    """Rows of :func:`.reductions.grad_stats_on_device` over the shards of
-    ``group``: squares (norm and parameter norm rows), sums and counts add up, the max
-    is the largest."""
+    """Rows of :func:`.grad_reductions.grad_stats_on_device` over the shards of
+    ``group``: norms (gradient and parameter rows) combine as :func:`combine_norms`
+    does, sums and counts add up, the max is the largest. Two collectives, in this
+    order on every rank: a max, then a sum."""
     import torch.distributed as dist
 
-    summed = torch.stack([stats[0].square(), stats[2], stats[3], stats[4], stats[5].square()])
-    largest = stats[1].clone()
-    dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+    largest = torch.stack([stats[1], stats[0], stats[5]])
     dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+    tiny = torch.finfo(stats.dtype).tiny
+    norm_scale, weight_scale = largest[1].clamp(min=tiny), largest[2].clamp(min=tiny)
+    summed = torch.stack(
+        [
+            (stats[0] / norm_scale).square(),
+            stats[2],
+            stats[3],
+            stats[4],
+            (stats[5] / weight_scale).square(),
+        ]
+    )
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
     return torch.stack(
-        [summed[0].sqrt(), largest, summed[1], summed[2], summed[3], summed[4].sqrt()]
+        [
+            summed[0].sqrt() * norm_scale,
+            largest[0],
+            summed[1],
+            summed[2],
+            summed[3],
+            summed[4].sqrt() * weight_scale,
+        ]
     )
 
 
-def combine_sum(value: torch.Tensor, group: Any) -> torch.Tensor:
-    """``value`` summed over the shards of ``group`` (a sum of squares, say)."""
+def combine_norms(norms: torch.Tensor, group: Any) -> torch.Tensor:
+    """L2 norms of shards combined over ``group`` (``sqrt`` of the summed squares),
+    scaled by the largest across ranks so 1e200 does not overflow when squared: a max,
+    then a sum of ``(norm / max) ** 2``."""
     import torch.distributed as dist
 
-    total = value.clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return total
+    top = norms.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    scale = top.clamp(min=torch.finfo(norms.dtype).tiny)
+    squares = (norms / scale).square()
+    dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=group)
+    return squares.sqrt() * scale
 
 
-__all__ = ["Sharding", "combine_grad_stats", "combine_sum", "local_values", "sharding_of"]
+__all__ = ["Sharding", "combine_grad_stats", "combine_norms", "local_values", "sharding_of"]

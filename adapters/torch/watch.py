@@ -121,7 +121,7 @@ class TorchWatch:
             show=show,
             report_at_exit=show,
             rank_zero=_is_rank_zero(),
-            before_report=self.flush,
+            before_report=self._before_report,
             log_to=log_to,
             framework="torch",
         )
@@ -143,6 +143,7 @@ class TorchWatch:
             on_advance=self._on_advance,
             on_idle_step=self._on_idle_step,
             on_params_changed=self._find_params,
+            module_hooks=not is_compiled(model),
         )
         self._acts = ActivationCapture(gate, activation_schedule)
         self._activations = activations and not is_compiled(model)
@@ -294,6 +295,22 @@ class TorchWatch:
         stats = self._pending.drain(is_output=self._acts.is_output)
         if stats:
             self._monitor.observe(stats)
+
+    def _before_report(self) -> None:
+        """Flush, then tell the monitor what the model holds (the report's coverage)."""
+        self.flush()
+        root = self._root_ref()
+        if root is None:
+            return
+        with self.guard:
+            trainable = [
+                strip_wrapper_prefixes(n) for n, p in root.named_parameters() if p.requires_grad
+            ]
+            acts = self._acts
+            self._monitor.set_coverage(trainable, acts.observed, acts.activation_modules)
+            note = acts.no_activation_note()
+            if note is not None:
+                self._monitor.note(note)
 
     def _find_params(self) -> None:
         """The parameters changed (``add_param_group``, ``to_empty()``): watch the

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.activations import CAN_DIE
+from gradwatch.activations import CAN_DIE, DYING_KINDS
 from gradwatch.fixes import Fix, fixes
 from gradwatch.rules.base import (
     Rule,
@@ -22,10 +22,12 @@ from gradwatch.rules.base import (
 
 @dataclass(frozen=True)
 class DeadRelu(Rule):
-    """Flags hidden ReLU layers where most units are dead.
+    """Flags hidden ReLU-family layers where most units are dead.
 
     A unit is dead in a step when it outputs ``<= 0`` for every sample of the batch
-    (so its incoming weights get exactly zero gradient). The rule fires when the
+    (so its incoming weights get exactly zero gradient); for GELU, SiLU, ELU and
+    softplus, when its derivative is under 1% of its peak for every sample (its input
+    is in the flat negative tail, see :mod:`gradwatch.activations`). The rule fires when the
     window median of a layer's dead fraction exceeds ``dead_fraction``. Normal ReLU
     sparsity (20-30% of units idle on a batch) stays well below it.
 
@@ -63,7 +65,7 @@ class DeadRelu(Rule):
 
     def check(self, ctx: RuleContext) -> Symptom | None:
         relax = self.hysteresis if ctx.active else 1.0
-        relu_cols = hidden_columns(ctx, CAN_DIE)
+        relu_cols = hidden_columns(ctx, DYING_KINDS)
         if relu_cols:
             return self._from_activations(ctx, relu_cols, relax)
         if ctx.hidden_kinds:
@@ -91,9 +93,12 @@ class DeadRelu(Rule):
                 float(nanmax(inactive)) if inactive is not None else float("nan")
             ),
         }
+        if all(ctx.act_kinds[cols[i]] in CAN_DIE for i in hit):
+            how = "output zero for whole batches, so they get no gradient"
+        else:
+            how = "sit in the flat negative tail for whole batches (under 1% of the peak slope)"
         message = (
-            f"{worst:.0%} of the units in {format_layers(layers)} output zero for whole "
-            f"batches, so they get no gradient and have stopped learning."
+            f"{worst:.0%} of the units in {format_layers(layers)} {how} and have stopped learning."
         )
         severity = "error" if worst >= 0.99 else "warning"
         return Symptom(layers, severity, message, evidence, self._fixes(ctx), score=worst)
@@ -117,7 +122,8 @@ class DeadRelu(Rule):
         evidence = {"zero_gradient_fraction": worst, "layers_dead": float(hit.size)}
         message = (
             f"{worst:.0%} of the gradient entries of {format_layers(layers)} are exactly "
-            f"zero, the signature of dying ReLU units."
+            f"zero, the signature of dead units (ReLU units stuck at zero, if the layers "
+            f"use ReLU: no activation was observed)."
         )
         return Symptom(layers, "warning", message, evidence, self._fixes(ctx), score=worst)
 
@@ -131,7 +137,9 @@ class DeadRelu(Rule):
             and totals.size > 0
             and bool(nanmax(totals) > 10 * baseline)
         )
+        # He init is "for ReLU-family layers": only named once such layers were seen.
+        init = "he_init" if ctx.hidden_kinds else "init_for_activation"
         if spike:
             # Units died after a gradient spike: a too-large step knocked them out.
-            return fixes("lower_learning_rate", "leaky_relu", "he_init")
-        return fixes("leaky_relu", "lower_learning_rate", "he_init")
+            return fixes("lower_learning_rate", "leaky_relu", init)
+        return fixes("leaky_relu", "lower_learning_rate", init)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.activations import CAN_SATURATE
+from gradwatch.activations import JUDGED_ON_INPUT, SATURATING_KINDS
 from gradwatch.fixes import fixes
 from gradwatch.rules.base import (
     Rule,
@@ -21,7 +21,9 @@ from gradwatch.rules.base import (
 
 @dataclass(frozen=True)
 class Saturation(Rule):
-    """Flags hidden squashing layers (sigmoid, tanh, hard variants) stuck in their tails.
+    """Flags hidden layers stuck in their activation's flat tails: sigmoid, tanh and
+    their hard variants, ReLU6's top, and the negative tails of GELU, SiLU, ELU and
+    softplus (judged on their input, see :mod:`gradwatch.activations`).
 
     A unit is in a tail when its derivative is below
     :data:`gradwatch.activations.DEFAULT_TAIL_DERIVATIVE_FRACTION` (1%) of its maximum.
@@ -55,7 +57,7 @@ class Saturation(Rule):
     hysteresis: float = 1.25
 
     def check(self, ctx: RuleContext) -> Symptom | None:
-        cols = hidden_columns(ctx, CAN_SATURATE)
+        cols = hidden_columns(ctx, SATURATING_KINDS)
         if not cols:
             return None
         view = ctx.acts
@@ -83,7 +85,10 @@ class Saturation(Rule):
         input_driven = median[0] > self.tail_fraction and (
             rest.size == 0 or bool(nanmax(rest) < 0.5 * median[0])
         )
-        if input_driven:
+        if all(ctx.act_kinds[cols[i]] in JUDGED_ON_INPUT for i in hit):
+            # The negative tail of a ReLU-like: pre-activations pushed far below zero.
+            ranked = fixes("batch_norm", "he_init", "normalize_inputs")
+        elif input_driven:
             ranked = fixes("normalize_inputs", "xavier_init", "batch_norm")
         else:
             ranked = fixes("xavier_init", "batch_norm", "normalize_inputs")

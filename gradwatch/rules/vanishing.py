@@ -139,7 +139,8 @@ class VanishingGradient(Rule):
             # Already ReLU: the depth itself is the problem, so normalise or bypass it.
             order = ("residual", "batch_norm") if depth >= 8 else ("batch_norm", "residual")
             return fixes(*order, "he_init")
-        return fixes("he_init", "leaky_relu", "batch_norm", "residual")
+        # No activation seen: no fix may assume one ("for ReLU-family layers").
+        return fixes("leaky_relu", "init_for_activation", "batch_norm", "residual")
 
 
 def _rms_decay(rms: np.ndarray) -> tuple[float, float]:

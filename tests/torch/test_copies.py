@@ -68,7 +68,9 @@ def test_copies_at_sampled_and_unsampled_steps_carry_no_hooks_and_never_feed(how
     seen = record_stats(gw)
     x = torch.randn(8, 3, 32)
     for step in range(4):  # sampled, unsampled, sampled, unsampled
-        assert (_hooks(model) > baseline) is True  # the gradient hooks are always there
+        # Activation hooks at sampled steps; at the others no gradwatch hook is on the model
+        # (with an optimizer its step pre-hook is the only one).
+        assert (_hooks(model) > baseline) is (step % 2 == 0)
         if how == "torch.save":
             buf = io.BytesIO()
             torch.save(model, buf)

@@ -24,7 +24,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gradwatch.adapters.torch import native  # noqa: E402
+from gradwatch.adapters.torch import native, native_build  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_helpers import EVERY_STEP, mlp, record_stats  # noqa: E402
 
@@ -56,7 +56,7 @@ def built_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache holding one good build (made once)."""
     cache = tmp_path_factory.mktemp("kernel-cache")
     with mock.patch.dict(os.environ, {native.CACHE_ENV: str(cache)}):
-        native._load_or_build()  # damage is done to copies: this path stays intact
+        native_build._load_or_build()  # damage is done to copies: this path stays intact
     return cache
 
 
@@ -148,9 +148,9 @@ def test_a_damaged_cache_fails_verification(damage: str, built_cache: Path, tmp_
     cache = tmp_path / "cache"
     shutil.copytree(built_cache, cache)
     manifest = next(cache.glob("*.json"))
-    assert native._verified_library(cache, manifest) == _library(cache)
+    assert native_build._verified_library(cache, manifest) == _library(cache)
     _DAMAGE_CHECKED[damage](_library(cache))
-    assert native._verified_library(cache, manifest) is None
+    assert native_build._verified_library(cache, manifest) is None
 
 
 def test_a_damaged_cache_is_rebuilt_and_never_loaded(built_cache: Path, tmp_path: Path) -> None:
@@ -163,14 +163,14 @@ def test_a_damaged_cache_is_rebuilt_and_never_loaded(built_cache: Path, tmp_path
     for cache, result in zip(caches, _children(caches), strict=True):
         assert result == {"ready": True, "ok": True, "failure": None}, cache.name
         # the rebuilt library matches its manifest again; no temporary file is left
-        assert native._verified_library(cache, next(cache.glob("*.json"))), cache.name
+        assert native_build._verified_library(cache, next(cache.glob("*.json"))), cache.name
         assert not list(cache.glob(".*")), cache.name
 
 
 def test_two_processes_building_into_one_cache_both_get_working_kernels(tmp_path: Path) -> None:
     results = _children([tmp_path, tmp_path])
     assert all(r == {"ready": True, "ok": True, "failure": None} for r in results), results
-    assert native._verified_library(tmp_path, next(tmp_path.glob("*.json"))) is not None
+    assert native_build._verified_library(tmp_path, next(tmp_path.glob("*.json"))) is not None
     assert not list(tmp_path.glob(".*"))
 
 
@@ -181,7 +181,7 @@ def test_a_wedged_compiler_neither_blocks_watch_nor_leaves_files(
     fake.write_text("#!/bin/sh\nsleep 30\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("CC", str(fake))
-    monkeypatch.setattr(native, "_BUILD_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(native_build, "_BUILD_TIMEOUT_S", 1.0)
     torch.manual_seed(0)
     model = mlp(nn.ReLU, depth=2, width=16, inp=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -14,18 +14,25 @@ torch = pytest.importorskip("torch")
 
 from gradwatch.adapters.torch import (  # noqa: E402
     activation_stats_on_device,
+    grad_reductions,
     grad_stats_on_device,
     scratch,
     strip_wrapper_prefixes,
     unit_axis_of,
 )
 from gradwatch.adapters.torch import reductions as torch_reductions  # noqa: E402
+from gradwatch.adapters.torch.functional import margin  # noqa: E402
 from gradwatch.adapters.torch.native import wait_for_kernels  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_helpers import EVERY_STEP, mlp, record_stats  # noqa: E402
 
 import gradwatch  # noqa: E402
-from gradwatch.activations import activation_stats_from_array, tail_bounds  # noqa: E402
+from gradwatch.activations import (  # noqa: E402
+    activation_stats_from_array,
+    activation_stats_from_input,
+    input_tail_bound,
+    tail_bounds,
+)
 from gradwatch.reduce import grad_stats_from_array  # noqa: E402
 
 
@@ -34,6 +41,7 @@ def reduction_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     """Runs each test on the C kernels (skipped without a C compiler) and on torch ops."""
     if request.param == "torch_ops":
         monkeypatch.setattr(torch_reductions, "cpu_kernels", lambda: None)
+        monkeypatch.setattr(grad_reductions, "cpu_kernels", lambda: None)
     elif wait_for_kernels() is None:
         pytest.skip("the C kernels cannot be built here")
     return str(request.param)
@@ -117,8 +125,11 @@ def test_activation_stats_match_numpy_reference(kind: str, shape: tuple[int, ...
     axis = unit_axis_of(y)
     if kind in ("relu", "relu6"):
         y.narrow(axis, 0, 1).zero_()  # one unit dead for the whole batch
-    got = activation_stats_on_device(y, kind, axis, tail_bounds(kind)).double().numpy()
     want = activation_stats_from_array(y.numpy(), kind, axis)
+    if kind == "gelu":  # judged on its input: the device reduces the margin of z
+        y = margin(x, input_tail_bound("gelu"))
+        want = activation_stats_from_input(x.numpy(), "gelu", "gelu", axis)
+    got = activation_stats_on_device(y, kind, axis, tail_bounds(kind)).double().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     if kind == "relu":
         assert got[1] > 0  # the dead unit is seen
@@ -304,8 +315,13 @@ def test_activation_stats_with_nan_and_slices_match_numpy_reference(
     y[:, 2] = float("nan")
     if kind == "relu":
         y[:, 4] = 0.0  # dead
-    got = activation_stats_on_device(y, kind, -1, tail_bounds(kind)).double().numpy()
     want = activation_stats_from_array(y.numpy(), kind, -1)
+    if kind == "gelu":  # judged on its input: the device reduces the margin of z
+        x[0, :] = float("nan")
+        x[:, 2] = float("nan")
+        y = margin(x, input_tail_bound("gelu"))
+        want = activation_stats_from_input(x.numpy(), "gelu", "gelu", -1)
+    got = activation_stats_on_device(y, kind, -1, tail_bounds(kind)).double().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     if kind == "hard_tanh":
         assert got[2] > 0.2  # the plateaus at exactly +-1 count as tail

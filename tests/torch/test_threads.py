@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gradwatch.adapters.torch import reductions  # noqa: E402
+from gradwatch.adapters.torch import grad_reductions, reductions  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_helpers import EVERY_STEP, record_stats  # noqa: E402
 
@@ -69,6 +69,7 @@ def test_two_threads_training_two_models_each_get_their_own_norms(
 ) -> None:
     if path == "torch_ops":  # as with GRADWATCH_NATIVE=0 (float64 takes them anyway)
         monkeypatch.setattr(reductions, "cpu_kernels", lambda: None)
+        monkeypatch.setattr(grad_reductions, "cpu_kernels", lambda: None)
     results: dict[int, object] = {}
     threads = [threading.Thread(target=_train, args=(dtype, seed, results)) for seed in (0, 1)]
     for t in threads:

@@ -1,0 +1,112 @@
+"""The host side of one ``fit``: :class:`RingReader` reads the probe rings and turns
+every slot written since the last read into :class:`gradwatch.StepStats`, through
+:func:`gradwatch.rows.step_stats_from_rows`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+import numpy as np
+from gradwatch.adapters.keras.capture import Capture
+from gradwatch.adapters.keras.layers import ActivationLayers
+from gradwatch.adapters.keras.probe import Probe, to_host
+
+from gradwatch.monitor import Monitor
+from gradwatch.rows import step_stats_from_rows
+from gradwatch.stats import StepStats
+
+
+class RingReader:
+    """The host side of one ``fit``: reads the probe rings and turns every slot written
+    since the last read into :class:`StepStats`, oldest first.
+
+    Args:
+        probe: the rings the train step writes.
+        capture: names the variables that had a gradient (known once traced).
+        acts: the watched activation layers, one ring row each.
+        schedule: the host twin of the in-graph sampling condition.
+        flush_every: named in the note when a slot was overwritten before it was read.
+    """
+
+    def __init__(
+        self,
+        probe: Probe,
+        capture: Capture,
+        acts: ActivationLayers,
+        schedule: Callable[[int], bool],
+        flush_every: int,
+    ) -> None:
+        self.probe = probe
+        self.capture = capture
+        self.acts = acts
+        self.schedule = schedule
+        self.flush_every = flush_every
+        self._last_read = -1
+
+    def flush(self, model: keras.Model | None, monitor: Monitor) -> StepStats | None:
+        """Read the rings and hand what is new to ``monitor``; the newest sample. Findings
+        are dispatched outside the guard: ``on_finding`` errors are the user's."""
+        batch: list[StepStats] = []
+        with monitor.guard:
+            batch = self.read(model, monitor)
+        if not batch:
+            return None
+        monitor.observe(batch)
+        return batch[-1]
+
+    def read(self, model: keras.Model | None, monitor: Monitor) -> list[StepStats]:
+        """The new samples (one host transfer per ring); notes lost ones on ``monitor``."""
+        probe = self.probe
+        sync = getattr(model, "jax_state_sync", None)
+        if callable(sync):
+            # JAX keeps the live state outside the variables during an epoch.
+            sync()
+        steps = to_host(probe.steps)
+        fresh = np.flatnonzero(steps[:, 0] > self._last_read)
+        if fresh.size == 0:
+            return []
+        fresh = fresh[np.argsort(steps[fresh, 0])]
+        if probe.grads is None:
+            return []
+        grads = to_host(probe.grads).astype(np.float64)
+        act_rows = to_host(probe.acts).astype(np.float64) if probe.acts is not None else None
+        first = int(steps[fresh[0], 0])
+        expected = next(s for s in range(self._last_read + 1, first + 1) if self.schedule(s))
+        if first != expected:
+            monitor.note(
+                f"Samples of steps {expected}..{first - 1} were overwritten before they "
+                f"were read; lower flush_every (now {self.flush_every})."
+            )
+        self._last_read = int(steps[fresh[-1], 0])
+        n = len(self.capture.grad_names)
+        return [
+            self._step_stats(
+                int(steps[slot, 0]),
+                bool(steps[slot, 1]),
+                grads[slot, :n],
+                None if act_rows is None else act_rows[slot],
+            )
+            for slot in fresh
+        ]
+
+    def _step_stats(
+        self, step: int, skipped: bool, g: np.ndarray, a: np.ndarray | None
+    ) -> StepStats:
+        """One ring slot's :class:`StepStats`: ``g`` holds a row per variable, ``a`` a
+        row per activation layer."""
+        acts = self.acts
+        return step_stats_from_rows(
+            step,
+            self.capture.grad_names,
+            g.T,
+            act_layers=acts.names,
+            act_kinds=acts.kinds,
+            act_is_output=acts.is_output,
+            act_rows=a,
+            skipped=skipped,
+        )
+
+
+__all__ = ["RingReader"]
