@@ -93,6 +93,10 @@ class GradWatchCallback(keras.callbacks.Callback):
             Defaults to ``1``.
         strict: re-raise errors inside gradwatch instead of warning once and
             switching monitoring off. Defaults to ``False``.
+        log_to: where the numbers of every sampled step also go, batched at each flush:
+            a TensorBoard log directory, a ``SummaryWriter``, a wandb run, the ``mlflow``
+            module or a callable ``(step, {tag: value})``; tags in ``docs/logging.md``.
+            Defaults to ``None``.
 
     Attributes:
         report: the :class:`gradwatch.Report` of the last ``fit`` (``None`` before).
@@ -129,6 +133,7 @@ class GradWatchCallback(keras.callbacks.Callback):
         on_finding: str | Callable[[Finding], Any] = "warn",
         verbose: int = 1,
         strict: bool = False,
+        log_to: Any = None,
     ) -> None:
         super().__init__()
         self.flush_every = _check_at_most("flush_every", check_int("flush_every", flush_every, 1))
@@ -141,7 +146,8 @@ class GradWatchCallback(keras.callbacks.Callback):
         self.rules = resolve_rules(rules)
         self.on_finding = on_finding
         self.strict = strict
-        # Validates rules, window, on_finding and strict now, not at the start of fit.
+        self.log_to = log_to
+        # Validates rules, window, on_finding, strict and log_to now, not in fit.
         self._new_monitor()
         # The host-side twin of the in-graph condition in Capture._is_sampled.
         self._schedule = every(sample_every, dense_until)
@@ -168,6 +174,8 @@ class GradWatchCallback(keras.callbacks.Callback):
             width=80,
             stop=lambda: setattr(self.model, "stop_training", True),
             before_raise=self._before_raise,
+            log_to=self.log_to,
+            framework="keras",
         )
 
     def _before_raise(self) -> None:
@@ -238,6 +246,7 @@ class GradWatchCallback(keras.callbacks.Callback):
                 note_unseen_steps(self.model, self._steps_run, steps_seen, monitor.note)
         self.restore()
         self.report = monitor.report()
+        monitor.close()  # flushes the sinks and closes the writers gradwatch opened
 
     def restore(self) -> None:
         """Undo every patch and make Keras retrace its train function. Safe to call twice;
