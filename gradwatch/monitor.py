@@ -34,11 +34,13 @@ from typing import Any
 
 from gradwatch.analyzer import Analyzer
 from gradwatch.config import check_bool, check_on_finding
+from gradwatch.coverage import ModelContents, merge_coverage
 from gradwatch.findings import SEVERITY_RANK, Finding
 from gradwatch.guard import FindingError, Guard, warn
-from gradwatch.report import Coverage, Report
+from gradwatch.report import Report
 from gradwatch.rules import DEFAULT_RULES, Rule
-from gradwatch.sinks import Sink, resolve_sink, scalars_for, sinks_of
+from gradwatch.sink_set import SinkSet
+from gradwatch.sinks import Sink
 from gradwatch.stats import StepStats
 
 ON_FINDING_MODES = ("warn", "raise", "stop", "ignore")
@@ -133,12 +135,7 @@ class Monitor:
             raise ValueError(f"framework must be one of {FRAMEWORKS} or None, got {framework!r}")
         self.framework = framework
         self.strict = strict
-        self._sinks: list[tuple[Sink, Guard]] = []
-        self._log_guard = Guard(
-            "gradwatch logging",
-            strict=strict,
-            consequence="it logs nothing more, training and monitoring continue",
-        )
+        self._sinks = SinkSet(framework, strict)
         if log_to is not None:
             self.add_sink(log_to)
         self.where = where
@@ -156,7 +153,7 @@ class Monitor:
         self._before_raise = before_raise
         self._before_report = before_report
         self._warned: set[str] = set()
-        self._coverage: tuple[tuple[str, ...], dict[str, str], dict[str, str]] | None = None
+        self._coverage: ModelContents | None = None
         if report_at_exit and show:
             _UNREPORTED.add(self)
 
@@ -175,7 +172,7 @@ class Monitor:
             self.analyzer.observe_stats(batch)
         finally:
             if self._sinks and batch and self.rank_zero:
-                self._log(batch)
+                self._sinks.log(batch, self.analyzer.findings, set(self.analyzer.open_rules))
 
     # --- sinks ---------------------------------------------------------------------
 
@@ -189,53 +186,14 @@ class Monitor:
         Raises:
             TypeError, ValueError: naming ``log_to``, for a target of no known kind.
         """
-        sink = resolve_sink(target, self.framework)
-        for one in sinks_of(sink):
-            guard = Guard(
-                f"gradwatch logging to {one.name}",
-                strict=self.strict,
-                consequence="it logs nothing more, training and monitoring continue",
-            )
-            self._sinks.append((one, guard))
+        sink = self._sinks.add(target)
         _WITH_SINKS.add(self)
         return sink
 
     @property
     def sinks(self) -> tuple[Sink, ...]:
         """The sinks still logging (a failed one is dropped)."""
-        return tuple(sink for sink, guard in self._sinks if guard.enabled)
-
-    def _open_rules(self) -> set[str]:
-        return set(self.analyzer.open_rules)
-
-    def _log(self, batch: Sequence[StepStats]) -> None:
-        live = [(sink, guard) for sink, guard in self._sinks if guard.enabled]
-        if not live or not self._log_guard.enabled:
-            return
-        rows: list[tuple[int, dict[str, float]]] | None = None
-        with self._log_guard:
-            rows = self._rows(batch)
-        if rows is None:  # building them failed: the guard warned, logging is off
-            return
-        for sink, guard in live:
-            with guard:
-                sink.write(rows)
-
-    def _rows(self, batch: Sequence[StepStats]) -> list[tuple[int, dict[str, float]]]:
-        rows = [(int(s.step), scalars_for(s)) for s in batch[:-1]]
-        # Findings are judged after the whole batch: their state goes on its last step.
-        last = batch[-1]
-        rows.append((int(last.step), scalars_for(last, self.analyzer.findings, self._open_rules())))
-        return rows
-
-    def _flush_sinks(self, close: bool = False) -> None:
-        for sink, guard in self._sinks:
-            if guard.enabled:
-                with guard:
-                    if close:
-                        sink.close()
-                    else:
-                        sink.flush()
+        return self._sinks.live
 
     def set_coverage(
         self,
@@ -252,27 +210,8 @@ class Monitor:
             activation_modules: the activation-like modules, name -> kind (``"other"``
                 for a class gradwatch does not know).
         """
-        self._coverage = (tuple(parameters), dict(activation_sites), dict(activation_modules))
-
-    def _merged_coverage(self, report: Report) -> Coverage | None:
-        if self._coverage is None:
-            return None
-        parameters, sites, modules = self._coverage
-        observed = {ls.name for ls in report.layers if ls.steps > 0}
-        group_by = self.analyzer.group_by
-        groups = [group_by(name) for name in parameters]
-        missing = tuple(dict.fromkeys(g for g in groups if g not in observed))
-        by_kind: dict[str, int] = {}
-        for kind in sites.values():
-            by_kind[kind] = by_kind.get(kind, 0) + 1
-        seen = {name.split("#", 1)[0] for name in sites}
-        return Coverage(
-            parameters_trainable=len(parameters),
-            parameters_observed=sum(g in observed for g in groups),
-            layers_not_observed=missing,
-            activation_sites=dict(sorted(by_kind.items())),
-            activation_modules=len(modules),
-            activation_modules_not_observed=tuple(n for n in modules if n not in seen),
+        self._coverage = ModelContents(
+            tuple(parameters), dict(activation_sites), dict(activation_modules)
         )
 
     def note(self, text: str) -> None:
@@ -335,8 +274,8 @@ class Monitor:
         if error is not None and report.stopped_at is None:
             stopped = self.error_step if self.error_step is not None else report.last_step
             report = dataclasses.replace(report, stopped_at=stopped)
-        coverage = self._merged_coverage(report)
-        if coverage is not None:
+        if self._coverage is not None:
+            coverage = merge_coverage(self._coverage, report, self.analyzer.group_by)
             report = dataclasses.replace(report, coverage=coverage)
         if self.framework is not None:
             report = dataclasses.replace(
@@ -344,7 +283,7 @@ class Monitor:
                 framework=self.framework,
                 findings=tuple(self._spell(f) for f in report.findings),
             )
-        self._flush_sinks()
+        self._sinks.flush()
         if (self.show if show is None else show) and self.rank_zero:
             print(render_for_console(report, self.width))
         return report
@@ -354,8 +293,7 @@ class Monitor:
         flush them, and close the writers gradwatch opened itself. Idempotent."""
         _UNREPORTED.discard(self)
         _WITH_SINKS.discard(self)
-        self._flush_sinks(close=True)
-        self._sinks.clear()
+        self._sinks.flush(close=True)
 
 
 def render_for_console(report: Report, width: int | None = None) -> str:
