@@ -13,8 +13,9 @@ One module per part, each owning its state; :class:`TorchWatch` composes them:
 * ``grads``: the watched parameters and their fused gradient reductions;
 * ``activations``: activation sites, hooks and probes, attached only on sampled steps;
 * ``flush``: the steps waiting on the device and the one host transfer;
-* ``reductions``: the device reductions themselves; ``scratch``: their reused buffers;
-  ``native``: their one-pass C kernels on CPU float32, built on first use;
+* ``grad_reductions`` and ``reductions``: the gradient and activation reductions
+  themselves; ``scratch``: their reused buffers; ``native`` (calls) and
+  ``native_build`` (build, cache, verify): their one-pass C kernels on CPU float32;
   ``sharded``: FSDP2 / DTensor shards combined across ranks;
 * ``gate``: when hooks run, and module hooks that copies and pickles leave out;
 * ``wrappers``: DDP / torch.compile names; the optimizer under accelerate / Lightning
@@ -35,6 +36,9 @@ Example:
 
 from __future__ import annotations
 
+from gradwatch.adapters.torch.live import (
+    LIVE_WATCHES as _LIVE_WATCHES,  # noqa: F401  (the lifecycle tests read it)
+)
 from gradwatch.adapters.torch.reductions import (
     SMALL_GRAD_NUMEL,
     activation_fractions,
@@ -42,9 +46,6 @@ from gradwatch.adapters.torch.reductions import (
     activation_stats_on_device,
     grad_stats_on_device,
     unit_axis_of,
-)
-from gradwatch.adapters.torch.watch import (
-    _LIVE_WATCHES as _LIVE_WATCHES,  # the live watch per model (the lifecycle tests read it)
 )
 from gradwatch.adapters.torch.watch import (
     DEFAULT_ACTIVATION_SCHEDULE,

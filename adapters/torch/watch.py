@@ -14,7 +14,6 @@ one live watch per model, ``close()`` and the ``with`` block.
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +24,11 @@ from gradwatch.adapters.torch.clock import StepClock
 from gradwatch.adapters.torch.flush import PendingStep, PendingSteps
 from gradwatch.adapters.torch.gate import HookGate
 from gradwatch.adapters.torch.grads import GradReducer
+from gradwatch.adapters.torch.live import (
+    forget_live_watch,
+    is_rank_zero,
+    replace_live_watch,
+)
 from gradwatch.adapters.torch.native import build_failure, build_status
 from gradwatch.adapters.torch.wrappers import (
     is_compiled,
@@ -38,7 +42,7 @@ from torch import nn
 from gradwatch.analyzer import Analyzer
 from gradwatch.config import check_bool, check_int, check_on_finding, check_schedule
 from gradwatch.findings import Finding
-from gradwatch.guard import GradwatchWarning, Guard
+from gradwatch.guard import Guard
 from gradwatch.monitor import Monitor
 from gradwatch.report import Report
 from gradwatch.rules import DEFAULT_RULES, Rule
@@ -58,16 +62,6 @@ DEFAULT_NORM_SCHEDULE: Schedule = every(3)
 # Rules run every 5 steps (persistence is counted in steps, NaN between checks is
 # still caught at its step): analysis costs ~0.5 ms a check on the host.
 _CHECK_EVERY = 5
-
-# One live watch per model, so watching twice can replace the first (weak: never leaks).
-_LIVE_WATCHES: weakref.WeakKeyDictionary[nn.Module, weakref.ref[TorchWatch]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _is_rank_zero() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
 class TorchWatch:
@@ -120,7 +114,7 @@ class TorchWatch:
             strict=strict,
             show=show,
             report_at_exit=show,
-            rank_zero=_is_rank_zero(),
+            rank_zero=is_rank_zero(),
             before_report=self._before_report,
             log_to=log_to,
             framework="torch",
@@ -128,7 +122,7 @@ class TorchWatch:
         self._closed = False
         self._model_ref = weakref.ref(model)
         self._root_ref = weakref.ref(root)
-        _replace_live_watch(model, self)
+        replace_live_watch(model, self)
         gate = HookGate(self._monitor.guard, lambda: self.enabled)
         self._grads = GradReducer(named, note=self._monitor.note)
         self._pending = PendingSteps(layout=self._grads.layout)
@@ -232,9 +226,7 @@ class TorchWatch:
         self._grads.close()
         model = self._model_ref()
         if model is not None:
-            current = _LIVE_WATCHES.get(model)
-            if current is not None and current() is self:
-                del _LIVE_WATCHES[model]
+            forget_live_watch(model, self)
 
     def __enter__(self) -> TorchWatch:
         return self
@@ -327,21 +319,6 @@ class TorchWatch:
         if self._activations:
             self._acts.find_sites(root, note=lambda text: None)
             self._acts.begin_step(self.step_count)
-
-
-def _replace_live_watch(model: nn.Module, new: TorchWatch) -> None:
-    """Make ``new`` the model's live watch, closing an earlier one with a warning."""
-    previous = _LIVE_WATCHES.get(model)
-    old = previous() if previous is not None else None
-    if old is not None and not old.closed:
-        warnings.warn(
-            "this model is already watched by gradwatch; the earlier watch is closed "
-            "and replaced by this one",
-            GradwatchWarning,
-            stacklevel=4,
-        )
-        old.close()
-    _LIVE_WATCHES[model] = weakref.ref(new)
 
 
 def watch(
