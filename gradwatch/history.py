@@ -21,6 +21,20 @@ class _Columns:
     def __init__(self) -> None:
         self.index: dict[str, int] = {}
         self.names: list[str] = []
+        self._last: tuple[tuple[str, ...], np.ndarray | slice] | None = None
+
+    def positions(self, names: tuple[str, ...]) -> np.ndarray | slice:
+        """:meth:`indices`, as a slice when ``names`` are exactly the registered columns in
+        order (the steady state: slices index without a gather). Cached per names."""
+        last = self._last
+        if last is not None and last[0] == names:
+            return last[1]
+        idx = self.indices(names)
+        where: np.ndarray | slice = idx
+        if len(names) == len(self.names) and np.array_equal(idx, np.arange(len(names))):
+            where = slice(0, len(names))
+        self._last = (names, where)
+        return where
 
     def indices(self, names: tuple[str, ...]) -> np.ndarray:
         out = np.empty(len(names), dtype=np.int64)
@@ -72,18 +86,23 @@ class LayerTotals:
         nonfinite: np.ndarray,
         numel: np.ndarray,
     ) -> None:
-        idx = self.columns.indices(names)
+        idx = self.columns.positions(names)
         width = len(self.columns.names)
-        for k, fill in self._FIELDS.items():
-            self.data[k] = _grow(self.data[k], width, fill)
         d = self.data
+        if d["steps"].shape[-1] < width:
+            for k, fill in self._FIELDS.items():
+                d[k] = _grow(d[k], width, fill)
         d["steps"][idx] += 1
-        positive = np.isfinite(norm) & (norm > 0)
-        d["log_norm_sum"][idx[positive]] += np.log10(norm[positive])
-        d["log_norm_count"][idx[positive]] += 1
         finite = np.isfinite(norm)
-        d["min_norm"][idx[finite]] = np.minimum(d["min_norm"][idx[finite]], norm[finite])
-        d["max_norm"][idx[finite]] = np.maximum(d["max_norm"][idx[finite]], norm[finite])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logs = np.log10(norm)
+        positive = finite & (norm > 0)
+        # Masked adds (0 where not positive): no gather of the positive columns.
+        d["log_norm_sum"][idx] += np.where(positive, logs, 0.0)
+        d["log_norm_count"][idx] += positive
+        kept = np.where(finite, norm, np.nan)  # fmin/fmax skip NaN
+        d["min_norm"][idx] = np.fmin(d["min_norm"][idx], kept)
+        d["max_norm"][idx] = np.fmax(d["max_norm"][idx], kept)
         d["last_norm"][idx] = norm
         d["max_abs"][idx] = np.fmax(d["max_abs"][idx], max_abs)
         d["zero_frac_sum"][idx] += zero_frac
@@ -120,15 +139,18 @@ class FlowHistory:
         if b >= self.bins:
             self._merge()
             b = self._n // self.stride
-        idx = self.columns.indices(names)
+        idx = self.columns.positions(names)
         width = len(self.columns.names)
-        self._sum = _grow(self._sum, width, 0.0)
-        self._count = _grow(self._count, width, 0.0)
+        if self._sum.shape[-1] < width:
+            self._sum = _grow(self._sum, width, 0.0)
+            self._count = _grow(self._count, width, 0.0)
         if self._bin_start[b] < 0:
             self._bin_start[b] = step
         ok = np.isfinite(norm) & (norm > 0)
-        self._sum[b, idx[ok]] += np.log10(norm[ok])
-        self._count[b, idx[ok]] += 1
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logs = np.log10(norm)
+        self._sum[b, idx] += np.where(ok, logs, 0.0)
+        self._count[b, idx] += ok
         self._n += 1
 
     def _merge(self) -> None:

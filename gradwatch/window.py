@@ -52,7 +52,10 @@ class Window:
         self._count = 0  # rows pushed in total
         self._order: list[str] = []
         self._last_names: tuple[str, ...] | None = None
-        self._last_cols = np.zeros(0, dtype=np.int64)
+        self._last_cols: np.ndarray | slice = np.zeros(0, dtype=np.int64)
+        # view()'s column order, cached until a column is added (a slice when in order).
+        self._view_cols: np.ndarray | None = None
+        self._view_slice: slice | None = None
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -90,14 +93,22 @@ class Window:
         """Append one step. ``values[metric]`` is aligned with ``names``; columns not
         named are absent in this step."""
         if names != self._last_names:
+            self._view_cols = None
             self._place_in_order(list(names))
-            self._last_cols = np.array([self._column(n) for n in names], dtype=np.int64)
+            cols = np.array([self._column(n) for n in names], dtype=np.int64)
+            # The first len(names) columns in order (the steady state): a slice.
+            in_order = np.array_equal(cols, np.arange(len(names)))
+            self._last_cols = slice(0, len(names)) if in_order else cols
             self._last_names = names
         row = self._count % self.size
+        where = self._last_cols
+        rest = len(names) if isinstance(where, slice) else 0
         for metric, arr in self._data.items():
-            arr[row, :] = np.nan
+            arr[row, rest:] = np.nan
             if metric in values:
-                arr[row, self._last_cols] = values[metric]
+                arr[row, where] = values[metric]
+            elif rest:
+                arr[row, :rest] = np.nan
         self._steps[row] = step
         self._count += 1
 
@@ -106,9 +117,24 @@ class Window:
         n = len(self)
         if last is not None:
             n = min(n, last)
-        rows = (np.arange(self._count - n, self._count) % self.size) if n else np.zeros(0, int)
-        cols = np.array([self._columns[c] for c in self._order], dtype=np.int64)
-        metrics = {m: arr[np.ix_(rows, cols)] for m, arr in self._data.items()}
+        width = len(self._order)
+        if self._view_cols is None or len(self._view_cols) != width:
+            cols = np.array([self._columns[c] for c in self._order], dtype=np.int64)
+            # Columns stored in model order (no layer appeared between known ones): a slice.
+            in_order = bool(np.array_equal(cols, np.arange(width)))
+            self._view_cols = cols
+            self._view_slice = slice(0, width) if in_order else None
+        start = (self._count - n) % self.size if n else 0
+        if start + n <= self.size:  # the rows are contiguous in the ring: slices, no gather
+            rows: slice | np.ndarray = slice(start, start + n)
+        else:
+            rows = np.arange(self._count - n, self._count) % self.size
+        take = self._view_slice
+        if take is not None:
+            metrics = {m: arr[rows, take].copy() for m, arr in self._data.items()}
+        else:
+            cols = self._view_cols
+            metrics = {m: arr[rows][:, cols] for m, arr in self._data.items()}
         return WindowView(steps=self._steps[rows].copy(), columns=self.columns, metrics=metrics)
 
     def nbytes(self) -> int:
