@@ -32,7 +32,8 @@ class RecordingSGD(torch.optim.SGD):
 
     def __init__(self, model: torch.nn.Module, lr: float) -> None:
         super().__init__(model.parameters(), lr=lr, momentum=0.9)
-        self.first = dict(model.named_parameters())[FIRST]
+        named = dict(model.named_parameters())
+        self.first = named.get(FIRST, next(iter(named.values())))
         self.applied: list[float] = []
 
     def step(self, closure=None):  # type: ignore[no-untyped-def,override]
@@ -328,3 +329,43 @@ def test_a_failing_sink_warns_once_and_training_goes_on(tmp_path: Path) -> None:
     assert cb.report is not None and cb.report.steps_observed == 8
     # the route to the Trainer's logs is a sink of its own: it kept logging
     assert [logs.get("gradwatch/step") for _, logs in captured.logs[:2]] == [3, 7]
+
+
+class _DeadReluLM(torch.nn.Module):
+    """A token classifier the Trainer can train (it returns ``{"loss": ...}``) whose
+    hidden ReLUs start dead: He init with every hidden bias at -3."""
+
+    def __init__(self, vocab: int = 64, width: int = 64) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, width)
+        self.hidden = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(3))
+        for layer in self.hidden:
+            torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            torch.nn.init.constant_(layer.bias, -3.0)
+        self.act = torch.nn.ReLU()
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.emb(input_ids)
+        for layer in self.hidden:
+            h = self.act(layer(h))
+        logits = self.head(h)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return {"loss": loss, "logits": logits}
+
+
+def test_dead_relus_are_detected_through_the_trainer(tmp_path: Path) -> None:
+    model = _DeadReluLM()
+    # The label, checked without gradwatch: most hidden units are zero for whole batches.
+    dead: list[float] = []
+
+    def record(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+        dead.append(float((out <= 0).flatten(0, 1).all(dim=0).float().mean()))
+
+    handle = model.act.register_forward_hook(record)
+    cb = gradwatch.HFTrainerCallback(on_finding="ignore", verbose=False)
+    _train(cb, tmp_path, steps=40, lr=0.05, model=model)
+    handle.remove()
+    assert sorted(dead)[len(dead) // 2] > 0.5  # median dead fraction over all passes
+    assert cb.report is not None
+    assert "dead_relu" in {f.rule for f in cb.report.findings}
