@@ -136,7 +136,9 @@ class ActivationCapture:
         # in one forward pass is two activations), and the site that made the model output.
         self._step_acts: dict[str, tuple[str, int, list[torch.Tensor]]] = {}
         self._fwd_calls: dict[str, int] = {}
-        self._fwd_last: tuple[int, str] | None = None
+        # The newest activation output, held weakly: an id() could be reused by the model's
+        # output once the activation's Python tensor is freed (autograd keeps only its data).
+        self._fwd_last: tuple[weakref.ref[torch.Tensor], str] | None = None
         self._output_names: set[str] = set()
 
     def find_sites(self, root: nn.Module, note: Callable[[str], None] | None = None) -> bool:
@@ -306,8 +308,8 @@ class ActivationCapture:
         calls = self._fwd_calls.get(site.name, 0)
         self._fwd_calls[site.name] = calls + 1
         name = site.name if calls == 0 else f"{site.name}#{calls}"
-        if output is not None:
-            self._fwd_last = (id(output), name)
+        if isinstance(output, torch.Tensor):
+            self._fwd_last = (weakref.ref(output), name)
         if name in self._step_acts:
             return  # a later micro-batch of an accumulated step: the first one is the sample
         self.observed.setdefault(name, site.kind)
@@ -320,8 +322,11 @@ class ActivationCapture:
         last = self._fwd_last
         if last is None:
             return
+        newest = last[0]()
+        if newest is None:
+            return
         outputs = output if isinstance(output, (tuple, list)) else (output,)
-        if any(isinstance(o, torch.Tensor) and id(o) == last[0] for o in outputs):
+        if any(o is newest for o in outputs):
             self._output_names.add(last[1])
 
 
