@@ -129,6 +129,25 @@ def _classifier_run(
     return TorchRun(model, opt, step)
 
 
+def _loss_run(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    data: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> TorchRun:
+    """One plain step per call: ``loss_of(model(x), target)``, backward, step, zero_grad."""
+
+    def step(i: int) -> float:
+        xb, yb = next(data)
+        loss = loss_of(model(xb), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return float(loss.detach())
+
+    return TorchRun(model, opt, step)
+
+
 def _sgd(model: nn.Module, lr: float, momentum: float = 0.0) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
 
@@ -237,17 +256,9 @@ def nonfinite_naive_bce(seed: int) -> TorchRun:
     target = (y >= 5).float().unsqueeze(1)
     data = batches(x, target, seed)
     opt = _sgd(model, 0.01)
-
-    def step(i: int) -> float:
-        xb, yb = next(data)
-        p = model(xb)
-        loss = -(yb * torch.log(p) + (1 - yb) * torch.log(1 - p)).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return float(loss.detach())
-
-    return TorchRun(model, opt, step)
+    return _loss_run(
+        model, opt, data, lambda p, yb: -(yb * torch.log(p) + (1 - yb) * torch.log(1 - p)).mean()
+    )
 
 
 def nonfinite_sqrt_distance(seed: int) -> TorchRun:
@@ -284,17 +295,7 @@ def zero_gradient_dead_output(seed: int) -> TorchRun:
     x, y = digits()
     target = y.float().unsqueeze(1) / 9.0
     data = batches(x, target, seed)
-    opt = _sgd(model, 0.05)
-
-    def step(i: int) -> float:
-        xb, yb = next(data)
-        loss = F.mse_loss(model(xb), yb)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return float(loss.detach())
-
-    return TorchRun(model, opt, step)
+    return _loss_run(model, _sgd(model, 0.05), data, F.mse_loss)
 
 
 def zero_gradient_rounded_predictions(seed: int) -> TorchRun:
@@ -305,17 +306,7 @@ def zero_gradient_rounded_predictions(seed: int) -> TorchRun:
     x, y = digits()
     target = (y >= 5).float().unsqueeze(1)
     data = batches(x, target, seed)
-    opt = _sgd(model, 0.05)
-
-    def step(i: int) -> float:
-        xb, yb = next(data)
-        loss = F.mse_loss(torch.round(model(xb)), yb)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return float(loss.detach())
-
-    return TorchRun(model, opt, step)
+    return _loss_run(model, _sgd(model, 0.05), data, lambda p, yb: F.mse_loss(torch.round(p), yb))
 
 
 # --- healthy scenarios ----------------------------------------------------------------
@@ -415,16 +406,7 @@ def healthy_sigmoid_output_confident(seed: int) -> TorchRun:
     target = (y == 0).float().unsqueeze(1)
     data = batches(x, target, seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-
-    def step(i: int) -> float:
-        xb, yb = next(data)
-        loss = F.binary_cross_entropy(model(xb), yb)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return float(loss.detach())
-
-    return TorchRun(model, opt, step)
+    return _loss_run(model, opt, data, F.binary_cross_entropy)
 
 
 def healthy_relu_sparsity(seed: int) -> TorchRun:
