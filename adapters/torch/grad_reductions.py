@@ -27,7 +27,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from gradwatch.adapters.torch.native import cpu_kernels, eligible
+from gradwatch.adapters.torch.native import all_eligible, cpu_kernels
 from gradwatch.adapters.torch.scratch import combine, scratch_like, scratch_view, slices
 
 from gradwatch.rows import GRAD_ROW_FIELDS
@@ -84,7 +84,7 @@ def grad_stats_on_device(
         else torch.full((len(grads),), float("nan"), dtype=dtype, device=device)
     )
     kernels = cpu_kernels() if device.type == "cpu" else None
-    if kernels is not None and all(eligible(g) for g in grads):
+    if kernels is not None and all_eligible(grads):
         # One read of each gradient (cpu_kernels.c) instead of ~6 torch kernels.
         return torch.cat([kernels.grad_stats(grads), weights.unsqueeze(0)])
     with torch.no_grad():
@@ -151,7 +151,7 @@ def exact_norms_on_device(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
       see :func:`_scratch_norm`.
     """
     kernels = cpu_kernels() if tensors[0].device.type == "cpu" else None
-    if kernels is not None and all(eligible(t) for t in tensors):
+    if kernels is not None and all_eligible(tensors):
         return kernels.sum_squares(tensors).sqrt_()
     with torch.no_grad():
         real = _real_dtype(tensors[0].dtype)
@@ -183,7 +183,7 @@ def squared_norms_on_device(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         [25.0, 2.0]
     """
     kernels = cpu_kernels() if tensors[0].device.type == "cpu" else None
-    if kernels is not None and all(eligible(t) for t in tensors):
+    if kernels is not None and all_eligible(tensors):
         return kernels.sum_squares(tensors)
     return exact_norms_on_device(tensors).square()
 

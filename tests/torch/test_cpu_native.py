@@ -155,6 +155,11 @@ def test_ineligible_tensors_take_the_torch_ops() -> None:
         pass
 
     assert not cpu_native.eligible(base.as_subclass(Wrapped))
+    # all_eligible: the same test of every tensor of a list, in C-level passes
+    assert cpu_native.all_eligible([base, torch.nn.Parameter(base)])
+    for odd in (base.t(), base.double(), base.to_sparse(), base.as_subclass(Wrapped)):
+        assert not cpu_native.all_eligible([base, odd])
+    assert not cpu_native.all_eligible([])
     transposed = base.t()
     got = grad_stats_on_device([transposed, base]).double().numpy()
     np.testing.assert_allclose(got[:, 0], got[:, 1], rtol=1e-5)
