@@ -11,21 +11,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
-from torch_helpers import EVERY_STEP, he_relu_mlp, record_stats  # noqa: E402
+from torch_helpers import he_relu_mlp, record_stats, watch_every_step  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch.guard import GradwatchWarning  # noqa: E402
 
-
-def _watch(model: nn.Module, opt: object = None, **kw: object):
-    kwargs: dict[str, object] = {
-        "grad_schedule": EVERY_STEP,
-        "activation_schedule": EVERY_STEP,
-        "on_finding": "ignore",
-        "show": False,
-    }
-    kwargs.update(kw)
-    return gradwatch.watch(model, opt, **kwargs)  # type: ignore[arg-type]
+_watch = watch_every_step
 
 
 def _norms_of(seen: list, layer: str) -> list[float]:

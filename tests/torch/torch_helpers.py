@@ -15,6 +15,18 @@ from gradwatch.stats import StepStats
 EVERY_STEP = every(1)
 
 
+def watch_every_step(model: nn.Module, opt: object = None, **kw: object) -> TorchWatch:
+    """A quiet watch that reduces gradients and activations on every step."""
+    kwargs: dict[str, object] = {
+        "grad_schedule": EVERY_STEP,
+        "activation_schedule": EVERY_STEP,
+        "on_finding": "ignore",
+        "show": False,
+    }
+    kwargs.update(kw)
+    return gradwatch.watch(model, opt, **kwargs)  # type: ignore[arg-type]
+
+
 def mlp(
     act: Callable[[], nn.Module],
     depth: int,
