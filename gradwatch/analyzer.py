@@ -24,6 +24,7 @@ from gradwatch.config import check_bool, check_callable, check_int
 from gradwatch.episodes import Episode
 from gradwatch.findings import SEVERITY_RANK, Finding
 from gradwatch.guard import Guard
+from gradwatch.layer_info import LayerInfo, merge
 from gradwatch.reduce import step_stats_from_arrays
 from gradwatch.report import Report
 from gradwatch.rules import DEFAULT_RULES, Rule, RuleContext
@@ -97,6 +98,8 @@ class Analyzer:
         self._weights_nonfinite_first: int | None = None
         self._not_judged: dict[str, None] = {}
         self._opened: list[Finding] = []  # opened during this call, for on_finding
+        self._layer_info: dict[str, LayerInfo] = {}
+        self._group_info: dict[str, LayerInfo] | None = None  # merged per group, lazily
 
     # --- input -----------------------------------------------------------------------
 
@@ -141,6 +144,31 @@ class Analyzer:
             for finding in opened:
                 self.on_finding(finding)
 
+    def set_layer_info(self, info: Mapping[str, LayerInfo]) -> None:
+        """Tell the rules what no gradient shows about each parameter's layer (which
+        activation it feeds, its fan-in, whether it is recurrent), keyed by parameter
+        name as in :attr:`StepStats.grad_layers`. Later calls update earlier ones.
+
+        Example:
+            >>> from gradwatch.layer_info import LayerInfo
+            >>> an = Analyzer()
+            >>> an.set_layer_info({"fc1.weight": LayerInfo(feeds="relu", fan_in=784)})
+        """
+        for name, value in info.items():
+            if not isinstance(value, LayerInfo):
+                raise TypeError(f"layer info for {name!r} must be a LayerInfo, got {value!r}")
+        self._layer_info.update(info)
+        self._group_info = None
+
+    def _groups_info(self) -> dict[str, LayerInfo]:
+        if self._group_info is None:
+            merged: dict[str, LayerInfo] = {}
+            for name, value in self._layer_info.items():
+                group = self.group_by(name)
+                merged[group] = merge(merged[group], value) if group in merged else value
+            self._group_info = merged
+        return self._group_info
+
     def add_note(self, note: str) -> None:
         """Record a coverage note for the report (shown once, whatever the repeats)."""
         self._notes[note] = None
@@ -172,6 +200,7 @@ class Analyzer:
         baseline = stats.baseline_total_norm
         initial_relative = stats.initial_grad_to_weight
         hidden = frozenset(stats.hidden_kinds)
+        layer_info = self._groups_info()
         for rule in warm:
             episode = self._episodes[rule.id]
             if rule.needs_finite_weights and poisoned_since is not None:
@@ -192,6 +221,7 @@ class Analyzer:
                 hidden_kinds=hidden,
                 new_steps=new_steps,
                 weights_nonfinite_since=poisoned_since,
+                layer_info=layer_info,
             )
             opened = episode.track(rule, step, rule.check(ctx))
             if opened is not None:

@@ -37,6 +37,7 @@ from gradwatch.config import check_bool, check_on_finding
 from gradwatch.coverage import ModelContents, merge_coverage
 from gradwatch.findings import SEVERITY_RANK, Finding
 from gradwatch.guard import FindingError, Guard, warn
+from gradwatch.layer_info import LayerInfo
 from gradwatch.report import Report
 from gradwatch.rules import DEFAULT_RULES, Rule
 from gradwatch.sink_set import SinkSet
@@ -213,6 +214,12 @@ class Monitor:
         self._coverage = ModelContents(
             tuple(parameters), dict(activation_sites), dict(activation_modules)
         )
+
+    def set_layer_info(self, info: Mapping[str, LayerInfo]) -> None:
+        """What the adapter knows of each parameter's layer (which activation it feeds,
+        its fan-in, whether it is recurrent), keyed by parameter name; see
+        :meth:`gradwatch.Analyzer.set_layer_info`."""
+        self.analyzer.set_layer_info(info)
 
     def note(self, text: str) -> None:
         """A coverage note for the report (once, however often it is added)."""

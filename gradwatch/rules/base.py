@@ -11,12 +11,14 @@ the rule can apply hysteresis (a looser threshold to stay on than to turn on).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import numpy as np
 
 from gradwatch.fixes import Fix
+from gradwatch.layer_info import LayerInfo
 from gradwatch.window import WindowView
 
 
@@ -58,6 +60,9 @@ class RuleContext:
         weights_nonfinite_since: the first step in the window whose non-finite
             gradients reached the optimizer (not skipped), or ``None``; from then on the
             weights are NaN/Inf and statistics computed with them are unusable.
+        layer_info: what the adapter knows of each layer group (the column names of
+            ``grads``) that no gradient shows: see :class:`~gradwatch.layer_info.LayerInfo`.
+            Groups the adapter said nothing of are absent.
     """
 
     step: int
@@ -72,6 +77,7 @@ class RuleContext:
     hidden_kinds: frozenset[str]
     new_steps: int = 1
     weights_nonfinite_since: int | None = None
+    layer_info: Mapping[str, LayerInfo] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
