@@ -90,7 +90,7 @@ class Analyzer:
         self.group_by = group_by
         self.on_finding = on_finding
         self.guard = Guard("gradwatch analyzer", strict=strict)
-        self.stats = RunStatistics(window, history_bins, group_by)
+        self.stats = RunStatistics(window, history_bins, self.group_of)
         self._episodes = {r.id: Episode() for r in rules}
         self._notes: dict[str, None] = {}
         # First step whose NaN/Inf gradients reached the weights, and the rules that
@@ -159,12 +159,21 @@ class Analyzer:
                 raise TypeError(f"layer info for {name!r} must be a LayerInfo, got {value!r}")
         self._layer_info.update(info)
         self._group_info = None
+        self.stats.regroup()
+
+    def group_of(self, name: str) -> str:
+        """The layer group of parameter ``name``: its :attr:`LayerInfo.group` if the
+        adapter gave one, else ``group_by(name)``."""
+        info = self._layer_info.get(name)
+        if info is not None and info.group is not None:
+            return info.group
+        return self.group_by(name)
 
     def _groups_info(self) -> dict[str, LayerInfo]:
         if self._group_info is None:
             merged: dict[str, LayerInfo] = {}
             for name, value in self._layer_info.items():
-                group = self.group_by(name)
+                group = self.group_of(name)
                 merged[group] = merge(merged[group], value) if group in merged else value
             self._group_info = merged
         return self._group_info

@@ -126,6 +126,24 @@ _SPELLINGS: dict[str, tuple[str, str, str]] = {
         "Give the output layer no ReLU or clamp: the loss must see raw logits "
         "(the last Dense with activation=None and from_logits=True).",
     ),
+    "bias_init": _entry(
+        "Re-initialize the biases near zero: a large bias pins units in their flat "
+        "or zero region from the first step",
+        "nn.init.zeros_(layer.bias)",
+        'bias_initializer="zeros" (the Keras default)',
+    ),
+    "stable_activation": _entry(
+        "Replace the activation that overflows in the forward pass (exp, unbounded "
+        "powers) with a bounded or log-space one, or clamp its input",
+        "torch.clamp(z, max=20) before torch.exp, or F.softplus / torch.logsumexp",
+        "ops.clip(z, -20, 20) before ops.exp, or ops.softplus / ops.logsumexp",
+    ),
+    "gated_recurrence": _entry(
+        "Replace the plain RNN with a gated one (LSTM or GRU), or truncate "
+        "backpropagation through time to fewer steps",
+        "nn.LSTM(...) or nn.GRU(...) in place of nn.RNN(...)",
+        "keras.layers.LSTM(...) or keras.layers.GRU(...) in place of SimpleRNN(...)",
+    ),
     "connected_graph": _entry(
         "Keep the loss connected to the weights",
         "no .detach(), .item(), .numpy() or torch.no_grad() between the parameters and the loss",

@@ -37,12 +37,17 @@ class LayerInfo:
             Defaults to ``False``.
         kind: the layer's type name as the framework spells it (``"Linear"``,
             ``"Dense"``, ``"LSTM"``), or ``""`` when unknown. Defaults to ``""``.
+        group: the layer group this parameter is judged in, overriding the analyzer's
+            ``group_by`` (a custom layer holding a stack of weights gives each weight,
+            with its bias, a group of its own, so depth inside it is visible);
+            ``None`` keeps ``group_by``. Defaults to ``None``.
     """
 
     feeds: str | None = None
     fan_in: int | None = None
     recurrent: bool = False
     kind: str = ""
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if self.feeds is not None and self.feeds not in _KINDS:
@@ -64,6 +69,7 @@ def merge(a: LayerInfo, b: LayerInfo) -> LayerInfo:
         fan_in=a.fan_in if a.fan_in is not None else b.fan_in,
         recurrent=a.recurrent or b.recurrent,
         kind=a.kind or b.kind,
+        group=a.group if a.group is not None else b.group,
     )
 
 

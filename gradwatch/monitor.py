@@ -282,7 +282,7 @@ class Monitor:
             stopped = self.error_step if self.error_step is not None else report.last_step
             report = dataclasses.replace(report, stopped_at=stopped)
         if self._coverage is not None:
-            coverage = merge_coverage(self._coverage, report, self.analyzer.group_by)
+            coverage = merge_coverage(self._coverage, report, self.analyzer.group_of)
             report = dataclasses.replace(report, coverage=coverage)
         if self.framework is not None:
             report = dataclasses.replace(

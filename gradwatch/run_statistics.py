@@ -111,6 +111,10 @@ class RunStatistics:
         if len(self._baseline) < BASELINE_STEPS and math.isfinite(total_norm):
             self._baseline.append(total_norm)
 
+    def regroup(self) -> None:
+        """Forget the cached parameter-to-group map (``group_by``'s answers changed)."""
+        self._group_cache = None
+
     def _groups(self, layers: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
         cache = self._group_cache
         if cache is not None and cache[0] == layers:

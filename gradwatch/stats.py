@@ -32,6 +32,7 @@ _GRAD_FIELDS = (
     "grad_numel",
 )
 _ACT_FIELDS = ("act_kinds", "act_inactive_frac", "act_dead_frac", "act_tail_frac", "act_is_output")
+_TIME_FIELDS = ("time_grad_first", "time_grad_last", "time_length")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,15 @@ class StepStats:
             :func:`gradwatch.activations.tail_bounds`).
         act_is_output: whether this activation produces the model's output.
 
+    Through-time fields, one entry per recurrent layer in ``time_layers`` (an RNN, LSTM
+    or GRU layer, named like its parameters' group), from sampled steps:
+        time_grad_first: RMS over batch and features of the loss gradient with respect to
+            the layer's input at its first time step.
+        time_grad_last: the same at its last time step. A ratio first/last far below 1
+            means the gradient vanishes through time, even when every parameter's norm
+            looks normal.
+        time_length: the number of time steps of the sequence.
+
     ``grad_total_norm`` is the L2 norm over all gradients, for steps whose per-layer
     statistics were not sampled: adapters can afford one fused norm every step, so
     growth, spikes and NaN between samples are still seen. ``None`` when not given
@@ -91,6 +101,10 @@ class StepStats:
     act_dead_frac: tuple[float, ...] = ()
     act_tail_frac: tuple[float, ...] = ()
     act_is_output: tuple[bool, ...] = ()
+    time_layers: tuple[str, ...] = ()
+    time_grad_first: tuple[float, ...] = ()
+    time_grad_last: tuple[float, ...] = ()
+    time_length: tuple[int, ...] = ()
     grad_total_norm: float | None = None
     skipped_step: bool = False
 
@@ -113,6 +127,13 @@ class StepStats:
                 raise ValueError(
                     f"StepStats.{name} has {len(getattr(self, name))} entries, "
                     f"act_layers has {n_act}"
+                )
+        n_time = len(self.time_layers)
+        for name in _TIME_FIELDS:
+            if len(getattr(self, name)) != n_time:
+                raise ValueError(
+                    f"StepStats.{name} has {len(getattr(self, name))} entries, "
+                    f"time_layers has {n_time}"
                 )
         known = {k.value for k in ActivationKind}
         for kind in self.act_kinds:

@@ -54,18 +54,32 @@ class Scenario:
         return frozenset() if self.expected == HEALTHY else frozenset(self.expected)
 
 
+# The modules holding scenarios, per framework; each defines ``SCENARIOS``.
+TORCH_MODULES: tuple[str, ...] = ("torch_zoo",)
+KERAS_MODULES: tuple[str, ...] = ("keras_zoo",)
+
+
+def _load(modules: tuple[str, ...]) -> list[Scenario]:
+    import importlib
+
+    found: list[Scenario] = []
+    for module in modules:
+        found += importlib.import_module(f"benchmarks.scenarios.{module}").SCENARIOS
+    names = [s.name for s in found]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"scenario names defined twice: {duplicates}")
+    return found
+
+
 def torch_scenarios() -> list[Scenario]:
     """The PyTorch scenarios (imports torch)."""
-    from benchmarks.scenarios.torch_zoo import SCENARIOS
-
-    return list(SCENARIOS)
+    return _load(TORCH_MODULES)
 
 
 def keras_scenarios() -> list[Scenario]:
     """The Keras 3 scenarios (imports keras; set ``KERAS_BACKEND`` first)."""
-    from benchmarks.scenarios.keras_zoo import SCENARIOS
-
-    return list(SCENARIOS)
+    return _load(KERAS_MODULES)
 
 
 __all__ = ["HEALTHY", "Scenario", "keras_scenarios", "torch_scenarios"]
