@@ -14,8 +14,13 @@ the ground truth; *first step* is ``finding.first_step`` minus the step the
 pathology started (0 unless the scenario has a mid-run onset), i.e. when the rule
 says the symptom began; *reported at* is the optimizer step at which the finding
 reached the user (persistence and the flush interval included).
+*fix ranked first* marks each expected rule's first fix: ``ok`` when it is in the
+expert set of ``benchmarks/scenarios/expected_fixes.py`` (written from the scenario's
+built-in cause), ``WRONG`` when not, ``?`` when the table has no set for the pair.
 Summary: recall over expected (scenario, rule) pairs, false-alarm rate over healthy
-scenarios, median first-step over detected pairs.
+scenarios, median first-step over detected pairs, and the right-fix-first rate over
+the detected expected pairs that have an expert set (pairs without one are counted
+apart as "no judgement", never as a pass).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.scenarios import Scenario  # noqa: E402
+from benchmarks.scenarios.expected_fixes import JUDGE, first_fix_verdict  # noqa: E402
 
 DETECT_WITHIN = 50
 
@@ -126,6 +132,16 @@ def _verdict(r: dict[str, Any]) -> tuple[set[str], set[str], set[str]]:
     return found & expected, expected - found, found - expected
 
 
+def _verdict_of(r: dict[str, Any], rule: str) -> str:
+    return first_fix_verdict(r["framework"], r["name"], rule, r["top_fix"][rule])
+
+
+def _mark(r: dict[str, Any], rule: str, hit: set[str]) -> str:
+    if rule not in hit:
+        return ""
+    return {"right": " (ok)", "wrong": " (WRONG)"}.get(_verdict_of(r, rule), " (?)")
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| scenario | expected | found | missed | extra | first step | reported at "
@@ -144,7 +160,7 @@ def table(results: list[dict[str, Any]]) -> str:
             ", ".join(sorted(extra)) or "-",
             ", ".join(f"{r['first_step'][k]}" for k in rules) + onset if rules else "-",
             ", ".join(f"{r['reported_at'][k]}" for k in rules) or "-",
-            ", ".join(f"{k}: {r['top_fix'][k]}" for k in rules) or "-",
+            ", ".join(f"{k}: {r['top_fix'][k]}{_mark(r, k, hit)}" for k in rules) or "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -155,6 +171,7 @@ def scores(results: list[dict[str, Any]]) -> dict[str, Any]:
     healthy = alarms = 0
     delays: list[int] = []
     late: list[str] = []
+    verdicts: dict[str, list[str]] = {"right": [], "wrong": [], "no judgement": []}
     for r in results:
         hit, missed, extra = _verdict(r)
         if r["expected"] == "healthy":
@@ -165,7 +182,8 @@ def scores(results: list[dict[str, Any]]) -> dict[str, Any]:
         hits += len(hit)
         extras += len(extra)
         findings_on_faulty += len(r["found"])
-        for rule in hit:
+        for rule in sorted(hit):
+            verdicts[_verdict_of(r, rule)].append(f"{r['framework']}:{r['name']}:{rule}")
             delays.append(r["first_step"][rule])
             if r["first_step"][rule] >= DETECT_WITHIN:
                 late.append(f"{r['name']}:{rule}")
@@ -182,7 +200,15 @@ def scores(results: list[dict[str, Any]]) -> dict[str, Any]:
         "healthy": healthy,
         "median_first_step": statistics.median(delays) if delays else float("nan"),
         "late": late,
+        "right_first": len(verdicts["right"]),
+        "judged_first": len(verdicts["right"]) + len(verdicts["wrong"]),
+        "wrong_first": verdicts["wrong"],
+        "no_judgement": verdicts["no judgement"],
     }
+
+
+def _rate(part: int, whole: int) -> str:
+    return f"{part / whole:.0%}" if whole else "n/a"
 
 
 def summary_text(s: dict[str, Any]) -> str:
@@ -195,6 +221,11 @@ def summary_text(s: dict[str, Any]) -> str:
             f"({s['extras']} findings beyond the ground truth)",
             f"- median steps to detect (finding.first_step after onset): {s['median_first_step']}",
             f"- detected at or after step {DETECT_WITHIN}: {', '.join(s['late']) or 'none'}",
+            f"- right fix first: {_rate(s['right_first'], s['judged_first'])} "
+            f"({s['right_first']}/{s['judged_first']} detected expected findings; judge: {JUDGE})",
+            f"- wrong first fix: {', '.join(s['wrong_first']) or 'none'}",
+            f"- no judgement (no expert set): {len(s['no_judgement'])}"
+            + (f" ({', '.join(s['no_judgement'])})" if s["no_judgement"] else ""),
         ]
     )
 

@@ -12,7 +12,10 @@ pathology's onset:
 
 * vanishing: the first trainable layer's gradient norm is below 1% of the last one's
   (median over steps), or its per-entry (RMS) gradient is below 1% of the last one's
-  and it changed its weights (relative) less than 1% as much as the last layer;
+  and it changed its weights (relative) less than 1% as much as the last layer; or,
+  for a plain (ungated) RNN, the RMS of dL/dx at its first time step is below 1e-5 of
+  the last one's (median over steps; ``torch_recurrent.measure_through_time``, leaf
+  inputs and tensor hooks);
 * exploding: the total gradient norm rises more than 100x above its value at the
   first step, or the first/last layer norm ratio exceeds 100;
 * non-finite: any step with a NaN/Inf gradient, or optimizer steps skipped by AMP;
@@ -58,12 +61,26 @@ def _median(values: list[float]) -> float:
     return vals[mid] if len(vals) % 2 else 0.5 * (vals[mid - 1] + vals[mid])
 
 
+def _has_recurrent_layer(scn: Scenario) -> bool:
+    import torch
+
+    model = scn.build(0).model
+    return any(isinstance(m, torch.nn.RNNBase) for m in model.modules())
+
+
+def measure_through_time(scn: Scenario) -> dict[str, Any]:
+    from benchmarks.scenarios.torch_recurrent import measure_through_time as measure
+
+    return measure(scn)
+
+
 def judge(m: dict[str, Any]) -> set[str]:
     """Pathologies the measured evidence ``m`` shows (definitions in the module doc)."""
     found: set[str] = set()
     vanish_norm = m["norm_ratio"] < 1e-2
     vanish_rms = m["rms_ratio"] < 1e-2 and m["update_ratio"] < 1e-2
-    if vanish_norm or vanish_rms:
+    vanish_time = m.get("through_time_ratio", math.inf) < 1e-5
+    if vanish_norm or vanish_rms or vanish_time:
         found.add("vanishing_gradient")
     if m["growth"] > 100 or m["norm_ratio"] > 100:
         found.add("exploding_gradient")
@@ -343,10 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.keras_json:
         from benchmarks.scenarios import keras_scenarios
+        from benchmarks.scenarios.keras_late import measure_late
         from benchmarks.scenarios.keras_zoo import measure_keras
 
+        # A late onset is measured over all of its run's steps (measure_keras: the first 120).
         results = [
-            (s.name, measure_keras(s))
+            (s.name, measure_late(s) if s.onset else measure_keras(s))
             for s in keras_scenarios()
             if not args.only or args.only in s.name
         ]
@@ -359,15 +378,17 @@ def main(argv: list[str] | None = None) -> int:
         for scn in torch_scenarios():
             if args.only and args.only not in scn.name:
                 continue
-            rows.append((scn, measure_torch(scn)))
+            m = measure_torch(scn)
+            if _has_recurrent_layer(scn):
+                m["through_time_ratio"] = measure_through_time(scn)["plain_ratio"]
+            rows.append((scn, m))
             print(f"measured {scn.name}", file=sys.stderr, flush=True)
     if args.framework in ("keras", "all"):
-        import importlib
+        from benchmarks.scenarios import keras_scenarios
 
         # The Keras registry is imported in this process only to read labels.
         os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-        zoo = importlib.import_module("benchmarks.scenarios.keras_zoo")
-        by_name = {s.name: s for s in zoo.SCENARIOS}
+        by_name = {s.name: s for s in keras_scenarios()}
         for name, m in _keras_measurements(args.only):
             rows.append((by_name[name], m))
     print(HEADER)

@@ -1,10 +1,13 @@
-"""The report suggests a max-norm for gradient clipping; apply it and the run recovers.
+"""Apply the fixes the report ranks for an explosion: a lower learning rate, then clipping.
 
 A tanh MLP trained with SGD + momentum at a learning rate too high for it: within a
 few steps the gradient norm grows by five orders of magnitude and the loss diverges.
-gradwatch reports ``exploding_gradient`` and ranks ``gradient_clipping`` first, with a
-max-norm calibrated on the first, healthy steps. The second run clips at exactly that
-value, with the same learning rate, and stays finite.
+gradwatch reports ``exploding_gradient``. The evidence points at the learning rate (the
+norm was healthy at the first steps, then grew), so ``lower_learning_rate`` is ranked
+first and ``gradient_clipping`` second, with a max-norm calibrated on the first, healthy
+steps. The second run lowers the learning rate 10x and trains cleanly; the third keeps
+the high learning rate and clips at the suggested value: it stays finite, but its
+updates are still too large for the weights, and gradwatch says so.
 
 Run: ``python examples/fix_exploding_with_clipping.py [--steps 150]``
 """
@@ -22,14 +25,14 @@ import gradwatch
 LR = 0.1
 
 
-def train(steps: int, max_norm: float | None) -> tuple[gradwatch.Report, float]:
+def train(steps: int, max_norm: float | None, lr: float = LR) -> tuple[gradwatch.Report, float]:
     torch.manual_seed(0)
     x = torch.randn(1024, 16)
     y = x @ torch.randn(16, 1) * 3
     model = nn.Sequential(
         nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     losses = []
     with gradwatch.watch(model, optimizer, on_finding="ignore", show=False) as gw:
         for _ in range(steps):
@@ -51,11 +54,19 @@ def main(steps: int) -> float | None:
     if finding is None:
         print("no exploding_gradient finding at this learning rate; nothing to fix")
         return None
+    print("fixes, best first:", ", ".join(fix.id for fix in finding.fixes))
+    lowered_report, lowered_loss = train(steps, None, lr=LR / 10)
+    print(lowered_report)
     max_norm = finding.evidence["suggested_max_norm"]
-    fixed_report, fixed_loss = train(steps, max_norm)
-    print(fixed_report)
-    print(f"without clipping: final loss {loss:.3g}; clipped at {max_norm:.3g}: {fixed_loss:.3g}")
-    return fixed_loss if fixed_report.by_rule("exploding_gradient") is None else math.inf
+    clipped_report, clipped_loss = train(steps, max_norm)
+    print(
+        f"lr {LR}: final loss {loss:.3g}; lr {LR / 10:g}: {lowered_loss:.3g}; "
+        f"lr {LR} clipped at {max_norm:.3g}: {clipped_loss:.3g} "
+        f"({'still' if clipped_report.by_rule('exploding_gradient') else 'no longer'} "
+        f"reported exploding)"
+    )
+    healthy = lowered_report.by_rule("exploding_gradient") is None
+    return lowered_loss if healthy and math.isfinite(clipped_loss) else math.inf
 
 
 if __name__ == "__main__":

@@ -48,6 +48,12 @@ class _Columns:
         return out
 
 
+def _running_sum(total: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``total + rows[0] + rows[1] + ...`` added in that order, as per-step adds would."""
+    summed: np.ndarray = np.add.accumulate(np.vstack([total[None], rows]), axis=0)[-1]
+    return summed
+
+
 def _grow(arr: np.ndarray, width: int, fill: float) -> np.ndarray:
     if arr.shape[-1] >= width:
         return arr
@@ -86,28 +92,62 @@ class LayerTotals:
         nonfinite: np.ndarray,
         numel: np.ndarray,
     ) -> None:
+        """Add one step: ``norm`` etc. aligned with ``names`` (see :meth:`update_rows`)."""
+        norm, max_abs, zero_frac, nonfinite, numel = (
+            np.asarray(v, dtype=np.float64)[None]
+            for v in (norm, max_abs, zero_frac, nonfinite, numel)
+        )
+        present = np.ones((1, len(names)), dtype=bool)
+        self.update_rows(names, norm, max_abs, zero_frac, nonfinite, numel, present)
+
+    def update_rows(
+        self,
+        names: tuple[str, ...],
+        norm: np.ndarray,
+        max_abs: np.ndarray,
+        zero_frac: np.ndarray,
+        nonfinite: np.ndarray,
+        numel: np.ndarray,
+        present: np.ndarray,
+    ) -> None:
+        """Add several steps at once: ``(steps, len(names))`` arrays, oldest step first;
+        ``present[r, c]`` says whether column ``c`` had a gradient in step ``r``.
+
+        The same numbers as one :meth:`update` per step: sums accumulate in step order
+        (``np.add.accumulate`` is sequential), extremes and last values are exact.
+        """
+        if norm.shape[0] == 0:
+            return
         idx = self.columns.positions(names)
         width = len(self.columns.names)
         d = self.data
         if d["steps"].shape[-1] < width:
             for k, fill in self._FIELDS.items():
                 d[k] = _grow(d[k], width, fill)
-        d["steps"][idx] += 1
         finite = np.isfinite(norm)
         with np.errstate(divide="ignore", invalid="ignore"):
             logs = np.log10(norm)
         positive = finite & (norm > 0)
-        # Masked adds (0 where not positive): no gather of the positive columns.
-        d["log_norm_sum"][idx] += np.where(positive, logs, 0.0)
-        d["log_norm_count"][idx] += positive
-        kept = np.where(finite, norm, np.nan)  # fmin/fmax skip NaN
-        d["min_norm"][idx] = np.fmin(d["min_norm"][idx], kept)
-        d["max_norm"][idx] = np.fmax(d["max_norm"][idx], kept)
-        d["last_norm"][idx] = norm
-        d["max_abs"][idx] = np.fmax(d["max_abs"][idx], max_abs)
-        d["zero_frac_sum"][idx] += zero_frac
-        d["nonfinite"][idx] += nonfinite
-        d["numel"][idx] = numel
+        # Masked adds (0 where not positive or absent): no gather of the columns.
+        d["steps"][idx] += np.count_nonzero(present, axis=0)
+        d["log_norm_count"][idx] += np.count_nonzero(positive, axis=0)
+        d["nonfinite"][idx] += np.where(present, nonfinite, 0.0).sum(axis=0)
+        for key, rows in (
+            ("log_norm_sum", np.where(positive, logs, 0.0)),
+            ("zero_frac_sum", np.where(present, zero_frac, 0.0)),
+        ):
+            d[key][idx] = _running_sum(d[key][idx], rows)
+        kept = np.where(finite, norm, np.nan)  # fmin/fmax skip NaN (and absent entries)
+        d["min_norm"][idx] = np.fmin(d["min_norm"][idx], np.fmin.reduce(kept, axis=0))
+        d["max_norm"][idx] = np.fmax(d["max_norm"][idx], np.fmax.reduce(kept, axis=0))
+        d["max_abs"][idx] = np.fmax(d["max_abs"][idx], np.fmax.reduce(max_abs, axis=0))
+        seen = present.any(axis=0)
+        # The newest step in which each column was present.
+        last = present.shape[0] - 1 - np.argmax(present[::-1], axis=0)
+        cols = np.flatnonzero(seen)
+        positions = np.arange(width)[idx][cols]
+        d["last_norm"][positions] = norm[last[cols], cols]
+        d["numel"][positions] = numel[last[cols], cols]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.data.values())
@@ -135,23 +175,40 @@ class FlowHistory:
         self._n = 0  # steps added
 
     def add(self, step: int, names: tuple[str, ...], norm: np.ndarray) -> None:
-        b = self._n // self.stride
-        if b >= self.bins:
-            self._merge()
-            b = self._n // self.stride
+        """Add one step's norms, aligned with ``names``."""
+        self.add_rows(np.array([step]), names, np.asarray(norm, dtype=np.float64)[None])
+
+    def add_rows(self, steps: np.ndarray, names: tuple[str, ...], norm: np.ndarray) -> None:
+        """Add several steps at once: ``norm`` is ``(len(steps), len(names))``, oldest
+        step first, NaN where a column is absent. The same bins and sums as one
+        :meth:`add` per step (``np.add.at`` adds in order)."""
+        if len(steps) == 0:
+            return
         idx = self.columns.positions(names)
         width = len(self.columns.names)
         if self._sum.shape[-1] < width:
             self._sum = _grow(self._sum, width, 0.0)
             self._count = _grow(self._count, width, 0.0)
-        if self._bin_start[b] < 0:
-            self._bin_start[b] = step
         ok = np.isfinite(norm) & (norm > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            logs = np.log10(norm)
-        self._sum[b, idx] += np.where(ok, logs, 0.0)
-        self._count[b, idx] += ok
-        self._n += 1
+            logs = np.where(ok, np.log10(norm), 0.0)
+        cols = np.arange(width)[idx]
+        done = 0
+        while done < len(steps):
+            if self._n // self.stride >= self.bins:
+                self._merge()
+            # The rows that fit before the bins fill up (and the next merge).
+            take = min(len(steps) - done, self.bins * self.stride - self._n)
+            bins = (self._n + np.arange(take)) // self.stride
+            rows = slice(done, done + take)
+            first = np.flatnonzero(np.r_[True, bins[1:] != bins[:-1]])
+            fresh = self._bin_start[bins[first]] < 0
+            self._bin_start[bins[first][fresh]] = steps[rows][first[fresh]]
+            where = (bins[:, None], cols[None, :])
+            np.add.at(self._sum, where, logs[rows])
+            np.add.at(self._count, where, ok[rows])
+            self._n += take
+            done += take
 
     def _merge(self) -> None:
         half = self.bins // 2

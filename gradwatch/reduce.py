@@ -19,6 +19,8 @@ from gradwatch.stats import StepStats
 def to_numpy(array: Any) -> np.ndarray:
     """A float64 numpy view or copy of ``array``: numpy, anything ``numpy.asarray``
     accepts, or a DLPack producer (JAX, torch, tensorflow)."""
+    if type(array) is np.ndarray and array.dtype == np.float64:
+        return array  # what the conversions below return for it, without their calls
     detach = getattr(array, "detach", None)  # torch tensors that require grad refuse __array__
     if callable(detach):
         array = detach()
@@ -80,6 +82,39 @@ def grad_stats_from_array(array: Any) -> tuple[float, float, float, float, int, 
     )
 
 
+def grad_stats_from_arrays(
+    arrays: list[Any],
+) -> list[tuple[float, float, float, float, int, int]]:
+    """:func:`grad_stats_from_array` of each array, the same numbers, with one numpy
+    pass per group of same-sized arrays for the max, sum and zero count instead of one
+    per array (10 layers of 1K entries: 15 numpy calls instead of 50).
+
+    >>> grad_stats_from_arrays([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0]])[1]
+    (1.0, 1.0, 0.3333333333333333, 0.6666666666666666, 0, 3)
+    """
+    flats = [to_numpy(a).ravel() for a in arrays]
+    out: list[tuple[float, float, float, float, int, int] | None] = [None] * len(flats)
+    by_size: dict[int, list[int]] = {}
+    for i, g in enumerate(flats):
+        by_size.setdefault(int(g.size), []).append(i)
+    for numel, members in by_size.items():
+        if numel == 0 or len(members) < 2:
+            continue
+        rows = np.stack([flats[i] for i in members])
+        a = np.abs(rows)
+        # Row reductions run numpy's per-array loops row by row: the same pairwise sums.
+        peaks = a.max(axis=1).tolist()
+        sums = a.sum(axis=1).tolist()
+        nonzero = np.count_nonzero(rows, axis=1).tolist()
+        for i, peak, total, nz in zip(members, peaks, sums, nonzero, strict=True):
+            if _UNSCALED_MIN < peak < _UNSCALED_MAX:  # else NaN/Inf, huge or tiny: scaled
+                norm = math.sqrt(float(np.dot(flats[i], flats[i])))
+                out[i] = (norm, peak, total / numel, (numel - nz) / numel, 0, numel)
+    return [
+        r if r is not None else grad_stats_from_array(g) for r, g in zip(out, flats, strict=True)
+    ]
+
+
 def step_stats_from_arrays(
     step: int,
     grads: Mapping[str, Any] | None = None,
@@ -94,7 +129,7 @@ def step_stats_from_arrays(
     optionally maps the same names as ``grads`` to the parameter values.
     """
     grad_items = list((grads or {}).items())
-    reduced = [grad_stats_from_array(g) for _, g in grad_items]
+    reduced = grad_stats_from_arrays([g for _, g in grad_items])
     param_norm: tuple[float, ...] = ()
     if params:
         missing = [name for name, _ in grad_items if name not in params]

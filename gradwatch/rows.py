@@ -32,6 +32,9 @@ NORM, MAX_ABS, SUM_ABS, NONZERO, NONFINITE, NUMEL, PARAM_NORM = range(GRAD_ROWS)
 # the flat tails. A row of NaN is an activation not seen at that step.
 ACT_ROW_FIELDS = ("inactive", "dead", "tail")
 ACT_ROWS = len(ACT_ROW_FIELDS)
+# One row per recurrent layer: RMS of dL/d(input) at its first and at its last time step.
+TIME_ROW_FIELDS = ("grad_first", "grad_last")
+TIME_ROWS = len(TIME_ROW_FIELDS)
 
 
 def step_stats_from_rows(
@@ -43,6 +46,9 @@ def step_stats_from_rows(
     act_kinds: Sequence[str] = (),
     act_is_output: Sequence[bool] = (),
     act_rows: np.ndarray | None = None,
+    time_layers: Sequence[str] = (),
+    time_length: Sequence[int] = (),
+    time_rows: np.ndarray | None = None,
     grad_total_norm: float | None = None,
     skipped: bool = False,
 ) -> StepStats:
@@ -55,6 +61,9 @@ def step_stats_from_rows(
             with no per-layer gradient statistics.
         act_layers, act_kinds, act_is_output: one entry per row of ``act_rows``.
         act_rows: ``(len(act_layers), ACT_ROWS)`` array; rows holding NaN are left out.
+        time_layers, time_length: one entry per row of ``time_rows``: the recurrent
+            layer's name and its number of time steps.
+        time_rows: ``(len(time_layers), TIME_ROWS)`` array (see :data:`TIME_ROW_FIELDS`).
         grad_total_norm: the fused total norm of a step not sampled per layer.
         skipped: the optimizer skipped this step (AMP overflow); nothing else is kept.
     """
@@ -94,6 +103,14 @@ def step_stats_from_rows(
                 act_tail_frac=tuple(a[seen, 2].tolist()),
                 act_is_output=tuple(bool(act_is_output[i]) for i in seen),
             )
+    if time_rows is not None and len(time_layers):
+        t = np.asarray(time_rows, dtype=np.float64).reshape(len(time_layers), TIME_ROWS)
+        fields.update(
+            time_layers=tuple(time_layers),
+            time_grad_first=tuple(t[:, 0].tolist()),
+            time_grad_last=tuple(t[:, 1].tolist()),
+            time_length=tuple(int(n) for n in time_length),
+        )
     return StepStats(step=step, **fields)  # type: ignore[arg-type]
 
 
@@ -102,5 +119,7 @@ __all__ = [
     "ACT_ROW_FIELDS",
     "GRAD_ROWS",
     "GRAD_ROW_FIELDS",
+    "TIME_ROWS",
+    "TIME_ROW_FIELDS",
     "step_stats_from_rows",
 ]

@@ -22,8 +22,10 @@ from collections.abc import Callable
 import numpy as np
 
 from gradwatch.history import FlowHistory, LayerTotals
+from gradwatch.initial_scale import InitialScale, initial_scales
 from gradwatch.report import FlowHistory as FlowSnapshot
 from gradwatch.report import LayerSummary
+from gradwatch.rules.base import TIME_METRICS
 from gradwatch.stats import StepStats
 from gradwatch.window import Window, WindowView
 
@@ -59,27 +61,35 @@ class RunStatistics:
         self.grads = Window(window, GRAD_METRICS)
         self.acts = Window(window, ACT_METRICS)
         self.run = Window(window, RUN_METRICS)
+        self.time = Window(window, TIME_METRICS)
         self.totals = LayerTotals()
         self.flow = FlowHistory(history_bins)
         self.act_kind: dict[str, str] = {}
         self.act_output: dict[str, bool] = {}
         self.hidden_kinds: set[str] = set()
         self._group_cache: tuple[tuple[str, ...], tuple[str, ...], np.ndarray] | None = None
+        self._folded = 0  # gradient rows of self.grads already in totals and flow
         self._baseline: list[float] = []
         self._initial_relative: list[float] = []  # median |g|/|w| of the first steps
+        # Their minima, kept as they grow: the rules read them at every check.
+        self._baseline_min: float | None = None
+        self._initial_relative_min: float | None = None
+        # Each group's weight and bias scale at the first step with weight norms.
+        self.initial_scales: dict[str, InitialScale] = {}
         self.n_steps = 0
         self.first_step = -1
         self.last_step = -1
+        self.last_step_nonfinite = False  # NaN/Inf gradients or total norm in the newest step
 
     @property
     def baseline_total_norm(self) -> float | None:
         """Smallest total norm of the first finite steps, or ``None`` before one."""
-        return float(np.min(self._baseline)) if self._baseline else None
+        return self._baseline_min
 
     @property
     def initial_grad_to_weight(self) -> float | None:
         """Smallest median |g|/|w| of the first steps with weight norms, or ``None``."""
-        return float(np.min(self._initial_relative)) if self._initial_relative else None
+        return self._initial_relative_min
 
     def add(self, s: StepStats) -> None:
         """Take one step's statistics into the windows, totals and history."""
@@ -97,19 +107,25 @@ class RunStatistics:
             total_norm = float(s.grad_total_norm)
             nonfinite = not math.isfinite(total_norm)
             total_norm = total_norm if not nonfinite else math.nan
-        self.run.push(
-            step,
-            ("run",),
-            {
-                "total_norm": np.array([total_norm]),
-                "skipped": np.array([float(s.skipped_step)]),
-                "nonfinite": np.array([float(nonfinite)]),
-            },
-        )
+        self.last_step_nonfinite = nonfinite
+        # One (metrics, 1) block in RUN_METRICS order: one assignment into the ring.
+        run_row = np.array([[total_norm], [float(s.skipped_step)], [float(nonfinite)]])
+        self.run.push_block(step, ("run",), run_row)
         if s.act_layers:
             self._add_acts(s)
+        if s.time_layers:
+            self.time.push(
+                step,
+                s.time_layers,
+                {
+                    "grad_first": np.asarray(s.time_grad_first, dtype=np.float64),
+                    "grad_last": np.asarray(s.time_grad_last, dtype=np.float64),
+                    "length": np.asarray(s.time_length, dtype=np.float64),
+                },
+            )
         if len(self._baseline) < BASELINE_STEPS and math.isfinite(total_norm):
             self._baseline.append(total_norm)
+            self._baseline_min = float(np.min(self._baseline))
 
     def regroup(self) -> None:
         """Forget the cached parameter-to-group map (``group_by``'s answers changed)."""
@@ -130,60 +146,63 @@ class RunStatistics:
     def _add_grads(self, s: StepStats) -> float:
         groups, idx = self._groups(s.grad_layers)
         n = len(groups)
-        norm = np.asarray(s.grad_norm, dtype=np.float64)
+        params = s.param_norm or None
+        # One conversion of all the step's tuples: rows in GRAD_METRICS order.
+        raw = np.array(
+            (
+                s.grad_norm,
+                s.grad_max_abs,
+                s.grad_mean_abs,
+                s.grad_zero_frac,
+                s.grad_nonfinite,
+                s.grad_numel,
+                params if params is not None else (math.nan,) * len(idx),
+            ),
+            dtype=np.float64,
+        )
+        norm, max_abs, _, _, _, numel, param = raw
         # Adapters that cannot afford a finite-only norm pass NaN/Inf: treat as unknown.
-        norm = np.where(np.isfinite(norm), norm, np.nan)
-        numel = np.asarray(s.grad_numel, dtype=np.float64)
-        mean_abs = np.asarray(s.grad_mean_abs, dtype=np.float64)
-        zero_frac = np.asarray(s.grad_zero_frac, dtype=np.float64)
-        max_abs = np.asarray(s.grad_max_abs, dtype=np.float64)
-        nonfinite = np.asarray(s.grad_nonfinite, dtype=np.float64)
-        params = np.asarray(s.param_norm, dtype=np.float64) if s.param_norm else None
-        g_numel: np.ndarray
-        g_nonfinite: np.ndarray
+        norm[~np.isfinite(norm)] = np.nan
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             if n == len(idx):  # one tensor per group: the groups' values are the tensors'
-                g_numel, g_norm, g_nonfinite = numel, norm, nonfinite
+                block = raw
                 weight = np.where(numel > 0, numel, 1.0)
-                g_mean = mean_abs * numel / weight
-                g_zero = zero_frac * numel / weight
-                g_max = np.fmax(0.0, max_abs)  # fmax ignores NaN (a tensor with NaN/Inf)
-                g_param = np.abs(params) if params is not None else np.full(n, np.nan)
+                block[2:4] *= numel  # mean |g| and zero fraction, weighed by numel
+                block[2:4] /= weight
+                np.fmax(0.0, max_abs, out=max_abs)  # fmax ignores NaN (a tensor with NaN/Inf)
+                np.abs(param, out=param)
             else:
-                g_numel = np.bincount(idx, numel, n)
-                # Norms combine scaled by each group's largest, so 1e200 (float64) does
-                # not overflow to Inf when squared; NaN (unknown) stays NaN.
-                g_norm = _group_norms(idx, norm, n)
-                weight = np.where(g_numel > 0, g_numel, 1.0)
-                g_mean = np.bincount(idx, mean_abs * numel, n) / weight
-                g_zero = np.bincount(idx, zero_frac * numel, n) / weight
-                g_max = np.zeros(n)
-                np.fmax.at(g_max, idx, max_abs)
-                g_nonfinite = np.bincount(idx, nonfinite, n)
-                # unknown unless the adapter measured the weights
-                g_param = _group_norms(idx, params, n) if params is not None else np.full(n, np.nan)
+                block = _grouped(idx, n, raw, params is not None)
+        g_norm, g_param = block[0], block[6]
         if params is not None:
+            if not self.initial_scales:
+                self.initial_scales = initial_scales(s, self.group_by)
             weighed = np.isfinite(g_norm) & (g_param > 0)
             if len(self._initial_relative) < BASELINE_STEPS and weighed.any():
                 self._initial_relative.append(float(np.median(g_norm[weighed] / g_param[weighed])))
-        self.grads.push(
-            s.step,
-            groups,
-            {
-                "norm": g_norm,
-                "max_abs": g_max,
-                "mean_abs": g_mean,
-                "zero_frac": g_zero,
-                "nonfinite": g_nonfinite,
-                "numel": g_numel,
-                "param_norm": g_param,
-            },
-        )
-        self.totals.update(groups, g_norm, g_max, g_zero, g_nonfinite, g_numel)
-        self.flow.add(s.step, groups, g_norm)
-        if g_nonfinite.sum() > 0:
+                self._initial_relative_min = float(np.min(self._initial_relative))
+        if self.grads.count - self._folded >= self.grads.size:
+            self._fold()  # the ring is about to overwrite rows not yet in the totals
+        self.grads.push_block(s.step, groups, block)
+        if block[4].sum() > 0:
             return math.nan
         return math.hypot(*g_norm.tolist())  # hypot scales: no overflow on huge norms
+
+    def _fold(self) -> None:
+        """Add the gradient rows not yet counted to the totals and the flow history, in
+        one vectorized pass per ``window`` steps instead of one per step."""
+        grads = self.grads
+        pending = grads.count - self._folded
+        if pending <= 0:
+            return
+        rows, _ = grads.rows(last=pending)
+        block = grads.block(rows)
+        present = grads.present(rows)
+        names = grads.stored_columns
+        norm, max_abs, _, zero_frac, nonfinite, numel, _ = block
+        self.totals.update_rows(names, norm, max_abs, zero_frac, nonfinite, numel, present)
+        self.flow.add_rows(grads.steps_at(rows), names, norm)
+        self._folded = grads.count
 
     def _add_acts(self, s: StepStats) -> None:
         for name, kind, out in zip(s.act_layers, s.act_kinds, s.act_is_output, strict=False):
@@ -192,20 +211,15 @@ class RunStatistics:
                 self.act_output[name] = bool(out)
                 if not out:
                     self.hidden_kinds.add(kind)
-        self.acts.push(
-            s.step,
-            s.act_layers,
-            {
-                "inactive": np.asarray(s.act_inactive_frac, dtype=np.float64),
-                "dead": np.asarray(s.act_dead_frac, dtype=np.float64),
-                "tail": np.asarray(s.act_tail_frac, dtype=np.float64),
-            },
-        )
+        # Rows in ACT_METRICS order: one conversion, one assignment into the ring.
+        block = np.array((s.act_inactive_frac, s.act_dead_frac, s.act_tail_frac), dtype=np.float64)
+        self.acts.push_block(s.step, s.act_layers, block)
 
     # --- what the report shows --------------------------------------------------------
 
     def layer_summaries(self) -> tuple[LayerSummary, ...]:
         """One whole-run summary per layer group, in model order."""
+        self._fold()
         d = self.totals.data
         out = []
         for name in self.grads.columns:
@@ -233,6 +247,7 @@ class RunStatistics:
 
     def flow_snapshot(self) -> FlowSnapshot:
         """The downsampled flow history as the report holds it."""
+        self._fold()
         bin_steps, flow_layers, flow = self.flow.snapshot()
         return FlowSnapshot(
             bin_steps=tuple(bin_steps),
@@ -242,13 +257,34 @@ class RunStatistics:
 
     def nbytes(self) -> int:
         """Bytes held by the buffers (bounded by window, bins and layers)."""
+        self._fold()  # the totals grow to their width when the first rows arrive
         return (
             self.grads.nbytes()
             + self.acts.nbytes()
             + self.run.nbytes()
+            + self.time.nbytes()
             + self.totals.nbytes()
             + self.flow.nbytes()
         )
+
+
+def _grouped(idx: np.ndarray, n: int, raw: np.ndarray, has_params: bool) -> np.ndarray:
+    """The ``(metrics, n)`` block of ``n`` layer groups from the per-tensor ``raw``
+    rows (GRAD_METRICS order); ``idx`` names each tensor's group."""
+    norm, max_abs, mean_abs, zero_frac, nonfinite, numel, params = raw
+    g_numel = np.bincount(idx, numel, n)
+    # Norms combine scaled by each group's largest, so 1e200 (float64) does not
+    # overflow to Inf when squared; NaN (unknown) stays NaN.
+    g_norm = _group_norms(idx, norm, n)
+    weight = np.where(g_numel > 0, g_numel, 1.0)
+    g_mean = np.bincount(idx, mean_abs * numel, n) / weight
+    g_zero = np.bincount(idx, zero_frac * numel, n) / weight
+    g_max = np.zeros(n)
+    np.fmax.at(g_max, idx, max_abs)
+    g_nonfinite = np.bincount(idx, nonfinite, n)
+    # unknown unless the adapter measured the weights
+    g_param = _group_norms(idx, params, n) if has_params else np.full(n, np.nan)
+    return np.array((g_norm, g_max, g_mean, g_zero, g_nonfinite, g_numel, g_param))
 
 
 def _group_norms(idx: np.ndarray, norms: np.ndarray, n: int) -> np.ndarray:
@@ -264,8 +300,10 @@ def weights_nonfinite_since(run: WindowView) -> int | None:
     """The first step in ``run`` whose NaN/Inf gradients were applied (an optimizer
     step that was not skipped), or ``None``. A skipped AMP step leaves the weights as
     they were."""
-    nonfinite = np.nan_to_num(run["nonfinite"][:, 0]) > 0
-    applied = np.nan_to_num(run["skipped"][:, 0]) == 0
+    # As np.nan_to_num(x) > 0 and == 0, without its cost: NaN is neither, Inf is > 0.
+    nonfinite = run["nonfinite"][:, 0] > 0
+    skipped = run["skipped"][:, 0]
+    applied = (skipped == 0) | np.isnan(skipped)
     hit = np.flatnonzero(nonfinite & applied)
     return int(run.steps[hit[0]]) if hit.size else None
 

@@ -250,7 +250,9 @@ class WandbSink(Sink):
 
     def __init__(self, run: Any) -> None:
         self.run = run
-        self.name = f"wandb run {getattr(run, 'name', None) or type(run).__name__}"
+        # An offline run has no name (the server assigns it), only its id.
+        label = getattr(run, "name", None) or getattr(run, "id", None) or type(run).__name__
+        self.name = f"wandb run {label}"
 
     def write(self, batch: Batch) -> None:
         for step, scalars in batch:
@@ -304,6 +306,13 @@ def _tf_importable() -> bool:
         return False
 
 
+# Events a directory writer queues before add_scalar blocks on its writer thread: a
+# whole flush (~100 bytes each). At torch's default of 10, each scalar past the 10th
+# waited on the thread's Python CRC: 0.26 ms a scalar against 0.04 ms with a large
+# queue, 2.5-3% of an MLP step (benchmarks/log_to_cost.py, docs/benchmarks.md).
+_TB_QUEUE = 20_000
+
+
 def _directory_sink(path: str | os.PathLike[str], framework: str | None) -> Sink:
     if isinstance(path, str) and not path.strip():
         raise ValueError("log_to is an empty string; pass a TensorBoard log directory")
@@ -318,7 +327,7 @@ def _directory_sink(path: str | os.PathLike[str], framework: str | None) -> Sink
             writer_class = _import_torch_writer()
             if writer_class is not None:
                 return SummaryWriterSink(
-                    functools.partial(writer_class, log_dir=str(logdir)),
+                    functools.partial(writer_class, log_dir=str(logdir), max_queue=_TB_QUEUE),
                     owned=True,
                     name=f"TensorBoard directory {str(logdir)!r}",
                 )

@@ -17,9 +17,10 @@ from typing import Any
 import keras
 from gradwatch.adapters.keras.capture import Capture, TensorCapture
 from gradwatch.adapters.keras.capture_jax import JaxCapture
-from gradwatch.adapters.keras.layers import ActivationLayers
+from gradwatch.adapters.keras.layers import ActivationLayers, layer_info
 from gradwatch.adapters.keras.lifecycle import FitScope, note_unseen_steps, watched_optimizers
-from gradwatch.adapters.keras.probe import Probe, ring_size, to_host
+from gradwatch.adapters.keras.ops_capture import tell_coverage
+from gradwatch.adapters.keras.probe import Probe, norm_ring_size, ring_size, to_host
 from gradwatch.adapters.keras.reader import RingReader
 
 from gradwatch.activations import DEFAULT_TAIL_DERIVATIVE_FRACTION
@@ -53,8 +54,13 @@ class GradWatchCallback(keras.callbacks.Callback):
 
     Activation statistics cover Dense/Conv layers with an ``activation``, and
     ``Activation``, ``ReLU``, ``LeakyReLU``, ``PReLU``, ``ELU`` and ``Softmax``
-    layers. Activations applied inside recurrent cells or inside a custom ``call``
-    are not covered; the report lists such layers in its notes.
+    layers, and the ``keras.ops`` / ``keras.activations`` calls (``ops.sigmoid``,
+    ``ops.relu``, ``ops.gelu``...) inside a custom layer's or model's ``call``, as
+    sites named ``<layer path>#<fn>:<n>``. Activations applied inside recurrent cells,
+    inside control-flow bodies (TensorFlow, JAX) or the fused attention of
+    ``MultiHeadAttention`` are not covered; the report lists such layers in its notes
+    and in ``report.coverage``. A layer holding several kernels itself is judged per
+    kernel (each with its bias), so depth inside it is visible.
 
     A custom ``train_step`` that applies its gradients with optimizers held as model
     attributes (the keras.io GAN's ``self.d_optimizer`` and ``self.g_optimizer``) is
@@ -78,6 +84,10 @@ class GradWatchCallback(keras.callbacks.Callback):
         dense_until: sample every step before this step, so every rule can fire within
             the first 50 steps (warm-up 10 + persistence 10) and an explosion that
             turns NaN within a few steps is seen growing. Defaults to ``50``.
+        norm_every: a step not sampled takes its total gradient norm (one fused
+            reduction, kept on the device until the flush) when it is a multiple of
+            this, so a spike or a NaN between samples is seen; ``0`` turns it off.
+            Defaults to ``3``, as the torch adapter's ``norm_schedule``.
         activations: also sample activation statistics (dead ReLUs, saturation).
             Defaults to ``True``.
         tail_derivative_fraction: a sigmoid/tanh output is in a flat tail when its
@@ -128,6 +138,7 @@ class GradWatchCallback(keras.callbacks.Callback):
         flush_every: int = 16,
         sample_every: int = 8,
         dense_until: int = 50,
+        norm_every: int = 3,
         activations: bool = True,
         tail_derivative_fraction: float = DEFAULT_TAIL_DERIVATIVE_FRACTION,
         on_finding: str | Callable[[Finding], Any] = "warn",
@@ -139,6 +150,7 @@ class GradWatchCallback(keras.callbacks.Callback):
         self.flush_every = _check_at_most("flush_every", check_int("flush_every", flush_every, 1))
         self.sample_every = check_int("sample_every", sample_every, 1)
         self.dense_until = check_int("dense_until", dense_until, 0)
+        self.norm_every = check_int("norm_every", norm_every, 0)
         self.activations = check_bool("activations", activations)
         self.window = check_int("window", window, 1)
         self.verbose = _check_verbose(verbose)
@@ -162,6 +174,9 @@ class GradWatchCallback(keras.callbacks.Callback):
         self._flush_calls = 1
         self._steps_per_batch = 1
         self._steps_run = 0
+        self._acts: ActivationLayers | None = None
+        self._layer_info_given = True
+        self._sites_given = 0
 
     def _new_monitor(self) -> Monitor:
         return Monitor(
@@ -200,6 +215,7 @@ class GradWatchCallback(keras.callbacks.Callback):
         self.restore()  # a previous fit that raised never reached on_train_end
         self._monitor = monitor = self._new_monitor()
         self._capture = self._probe = self._reader = None
+        self._acts = None
         self.report = None
         self.last_step_stats = None
         self._batches_since_flush = 0
@@ -244,6 +260,9 @@ class GradWatchCallback(keras.callbacks.Callback):
             with monitor.guard:
                 steps_seen = int(to_host(self._probe.counter))
                 note_unseen_steps(self.model, self._steps_run, steps_seen, monitor.note)
+        if self._acts is not None:
+            with monitor.guard:
+                tell_coverage(monitor, self.model, self._acts)
         self.restore()
         self.report = monitor.report()
         monitor.close()  # flushes the sinks and closes the writers gradwatch opened
@@ -271,12 +290,17 @@ class GradWatchCallback(keras.callbacks.Callback):
         acts = ActivationLayers(model, self.activations)
         for note in acts.notes:
             monitor.note(note)
+        self._acts = acts
+        # What each variable's layer is (activation fed, fan-in, recurrence, per-kernel
+        # groups); a model built inside its first step gets it at the first read.
+        self._layer_info_given = self._give_layer_info(monitor)
         spe = int(getattr(model, "steps_per_execution", 1) or 1)
         self._steps_per_batch = spe
         # on_train_batch_end runs once per execution of `spe` steps.
         self._flush_calls = max(1, math.ceil(self.flush_every / spe))
         ring = ring_size(self._flush_calls * spe, spe, self.dense_until, self.sample_every)
-        self._probe = Probe(len(variables), len(acts), ring)
+        norms = norm_ring_size(self._flush_calls * spe, spe, self.sample_every, self.norm_every)
+        self._probe = Probe(len(variables), len(acts), ring, norms, self.norm_every)
         self._capture = capture_type(
             self._probe,
             monitor.guard,
@@ -293,7 +317,20 @@ class GradWatchCallback(keras.callbacks.Callback):
         self._capture.install(model, optimizers)
         scope.guard_entry_points()
 
+    def _give_layer_info(self, monitor: Monitor) -> bool:
+        sites = {} if self._acts is None else self._acts.sites
+        info = layer_info(self.model, sites)
+        if info:
+            monitor.set_layer_info(info)
+        self._sites_given = len(sites)
+        return bool(info)
+
     def _flush(self, monitor: Monitor) -> None:
+        sites = 0 if self._acts is None else len(self._acts.sites)
+        if not self._layer_info_given or sites != self._sites_given:
+            # Built inside its first step, or keras.ops sites seen since: what they feed.
+            with monitor.guard:
+                self._layer_info_given = self._give_layer_info(monitor)
         if self._reader is not None:
             newest = self._reader.flush(getattr(self, "_model", None), monitor)
             self.last_step_stats = newest or self.last_step_stats

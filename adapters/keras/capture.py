@@ -6,6 +6,9 @@ activation outputs during the traced step, and the sampled branch.
 :class:`TensorCapture` is the TensorFlow and torch path: it wraps the ``apply`` of
 every optimizer the model holds and assigns the probe variables in place (the JAX
 path, which must thread them as state, is :mod:`gradwatch.adapters.keras.capture_jax`).
+Steps not sampled that are due (every ``norm_every``-th) take only their total
+gradient norm, one fused reduction per gradient in a branch of their own, kept in the
+probe's norm ring until the flush.
 
 Because the wrappers are Python, they act when the train function is traced;
 installing and uninstalling both force a retrace, so a later ``fit`` without the
@@ -20,12 +23,16 @@ from typing import Any
 
 import keras
 from gradwatch.adapters.keras.layers import ActivationLayers, var_name
-from gradwatch.adapters.keras.probe import Probe, grad_table, loss_scale
+from gradwatch.adapters.keras.ops_capture import OpsCapture, activation_table
+from gradwatch.adapters.keras.probe import Probe, grad_table, loss_scale, write_norm
 from gradwatch.adapters.keras.reductions import (
-    _activation_table,
+    _combined_norm,
+    _grad_norms,
+    _is_norm_due,
     _is_sampled,
     _one_hot_rows_where,
     _one_hot_where,
+    norm_due,
 )
 from keras import ops
 
@@ -73,6 +80,10 @@ class Capture:
         self._patches: list[tuple[Any, str]] = []
         self._act_last_out: dict[int, Any] = {}
         self._in_train_step = False
+        # keras.ops activations inside custom calls: only when the model may have some.
+        self.ops: OpsCapture | None = None
+        if acts.site_capacity:
+            self.ops = OpsCapture(acts, guard, self._act_last_out, tail_derivative_fraction)
 
     # --- installing ------------------------------------------------------------------
 
@@ -122,6 +133,14 @@ class Capture:
             self._in_train_step = False
             self._act_last_out.clear()
 
+    def _ops_scope(self, sampled: Any) -> contextlib.AbstractContextManager[None]:
+        """Intercept ``keras.ops`` activations while the step runs or is traced, unless it
+        is known on the host to be unsampled (torch), where it costs nothing."""
+        if self.ops is None or sampled is False or not (self._in_train_step and self.guard.enabled):
+            return contextlib.nullcontext()
+        scope: contextlib.AbstractContextManager[None] = self.ops.active()
+        return scope
+
     def _wrap_model_call(self, call: Callable[..., Any]) -> Callable[..., Any]:
         def model_call_with_gradwatch(*args: Any, **kwargs: Any) -> Any:
             outputs = call(*args, **kwargs)
@@ -150,9 +169,7 @@ class Capture:
     def _activation_table(self, outputs: dict[int, Any]) -> Any:
         """``(n_acts, 3)`` activation fractions of this step; NaN rows for layers that
         did not run in it."""
-        return _activation_table(
-            outputs, self.acts.kinds, self.acts.unit_axes, self.tail_derivative_fraction
-        )
+        return activation_table(outputs, self.acts, self.tail_derivative_fraction)
 
     # --- the sampled branch ------------------------------------------------------------
 
@@ -167,19 +184,28 @@ class Capture:
             return compute()
         return ops.cond(self._is_sampled(step), compute, keep)
 
+    def _is_norm_due(self, step: Any) -> Any:
+        """In-graph: does ``step`` take only its total norm (see :func:`_is_norm_due`)?"""
+        return _is_norm_due(step, self.sample_every, self.dense_until, self.probe.norm_every)
+
 
 class _StepState:
     """What the train step being run (or traced) has read and written so far."""
 
-    def __init__(self, step: Any, samples: Any, sampled: Any, ring: int) -> None:
+    def __init__(self, step: Any, samples: Any, sampled: Any, ring: int, due: Any) -> None:
         self.step = step
         self.samples = samples
         self.slot = ops.mod(samples, ring)
-        # In-graph condition, or a Python bool when known on the host (torch).
+        # In-graph conditions, or Python bools when known on the host (torch): sampled
+        # per variable, or due for the total norm only (None: no norm steps).
         self.sampled = sampled
+        self.due = due
         self.names: list[str] = []
         self.skips: list[Any] = []
         self.applies = 0
+        # Per apply: its gradients' norms (unscaled) and whether its scaler skips the step.
+        self.norm_parts: list[Any] = []
+        self.norm_skips: list[Any] = []
 
 
 class TensorCapture(Capture):
@@ -213,7 +239,8 @@ class TensorCapture(Capture):
                         state = self._begin_step()
                 self._step_state = state
                 try:
-                    outputs = train_step(*args, **kwargs)
+                    with self._ops_scope(False if state is None else state.sampled):
+                        outputs = train_step(*args, **kwargs)
                 finally:
                     self._step_state = None
                 if state is not None and self.guard.enabled:
@@ -245,10 +272,14 @@ class TensorCapture(Capture):
         probe = self.probe
         step = probe.counter.value
         sampled: Any = True if self.sample_every == 1 else self._is_sampled(step)
+        due: Any = None if probe.norms is None else self._is_norm_due(step)
         if keras.backend.backend() == "torch" and not isinstance(sampled, bool):
             # Eager: one host read per step, not one per optimizer and one at the end.
-            sampled = bool(ops.convert_to_numpy(sampled))
-        return _StepState(step, probe.samples.value, sampled, probe.ring)
+            at = int(ops.convert_to_numpy(step))
+            sampled = at < self.dense_until or at % self.sample_every == 0
+            if due is not None:
+                due = norm_due(at, self.sample_every, self.dense_until, probe.norm_every)
+        return _StepState(step, probe.samples.value, sampled, probe.ring, due)
 
     def _when(self, sampled: Any, compute: Callable[[], Any], keep: Callable[[], Any]) -> Any:
         if isinstance(sampled, bool):
@@ -284,6 +315,19 @@ class TensorCapture(Capture):
             return ops.zeros((), "int32")
 
         state.skips.append(self._when(state.sampled, write, lambda: ops.zeros((), "int32")))
+        if state.due is not None:
+            self._record_norms(state, [g for g, _ in present], scale, dynamic)
+
+    def _record_norms(self, state: _StepState, grads: list[Any], scale: Any, dynamic: bool) -> None:
+        """On a step due for its total norm only: one fused norm per gradient of this
+        ``apply`` (combined at the end of the step), nothing on the other steps."""
+        if state.due is False:
+            return  # known on the host (torch): not even a condition
+        zeros = ops.zeros((len(grads),), "float32")
+        norms = self._when(state.due, lambda: _grad_norms(grads, scale), lambda: zeros)
+        state.norm_parts.append(norms)
+        if dynamic:  # the scaler skips a step whose scaled gradients overflowed
+            state.norm_skips.append(ops.logical_not(ops.isfinite(ops.sum(norms))))
 
     def _end_step(self, state: _StepState) -> None:
         """Write the step, whether it was skipped and the activations; count it."""
@@ -304,7 +348,26 @@ class TensorCapture(Capture):
             probe.samples.assign(state.samples + 1)
 
         self._when(state.sampled, write, lambda: None)
+        if state.due is not None and state.norm_parts:
+            self._write_norm(state)
         probe.counter.assign(state.step + 1)
+
+    def _write_norm(self, state: _StepState) -> None:
+        """On a step due for its total norm only, write it (and the scaler's skip)."""
+        probe = self.probe
+        norm_steps, norms = probe.norm_steps, probe.norms
+        if norm_steps is None or norms is None:
+            return
+
+        def write() -> None:
+            total = _combined_norm(ops.concatenate(state.norm_parts))
+            skipped = ops.any(ops.stack(state.norm_skips)) if state.norm_skips else False
+            current = {"norm_steps": norm_steps.value, "norms": norms.value}
+            new = write_norm(probe, current, state.step, total, skipped)
+            norm_steps.assign(new["norm_steps"])
+            norms.assign(new["norms"])
+
+        self._when(state.due, write, lambda: None)
 
 
 __all__ = ["Capture", "TensorCapture"]

@@ -16,8 +16,13 @@ from typing import Any
 import keras
 from gradwatch.adapters.keras.capture import Capture
 from gradwatch.adapters.keras.layers import var_name
-from gradwatch.adapters.keras.probe import loss_scale, write_sample
-from gradwatch.adapters.keras.reductions import _one_hot_where, _param_norms
+from gradwatch.adapters.keras.probe import loss_scale, write_norm, write_sample
+from gradwatch.adapters.keras.reductions import (
+    _combined_norm,
+    _grad_norms,
+    _one_hot_where,
+    _param_norms,
+)
 from keras import ops
 
 from gradwatch.rows import ACT_ROWS
@@ -34,7 +39,9 @@ class JaxCapture(Capture):
     return their new values next to the optimizer's own. Activation outputs exist
     only inside ``jax.value_and_grad``: ``compute_loss_and_updates`` reduces them
     there and hands the table out as one extra entry of its non-trainable-variable
-    output, which the ``train_step`` wrapper removes and writes into the probe.
+    output, which the ``train_step`` wrapper removes and writes into the probe. A step
+    not sampled that is due for its total norm computes it in a branch of its own
+    (``lax.cond``) and returns the probe's norm ring with it written.
     """
 
     # The optimizer whose `_variables` list carries the probe, and the probe variables.
@@ -201,8 +208,26 @@ class JaxCapture(Capture):
             ),
             lambda: {name: current[name] for name in written},
         )
+        if probe.norms is not None and present:
+            new.update(self._record_norm(current, step, [g for g, _, _ in present], scale, dynamic))
         new["counter"] = step + 1
         return new
+
+    def _record_norm(
+        self, current: dict[str, Any], step: Any, grads: list[Any], scale: Any, dynamic: bool
+    ) -> dict[str, Any]:
+        """The norm rings after this step: its total norm written when the step is due
+        for it only (one fused norm per gradient, computed in that branch alone)."""
+        due = self._is_norm_due(step)
+        total = ops.cond(
+            due,
+            lambda: _combined_norm(_grad_norms(grads, scale)),
+            lambda: ops.zeros((), "float32"),
+        )
+        # The scaler skips a step whose scaled gradients overflowed.
+        skipped = ops.logical_not(ops.isfinite(total)) if dynamic else False
+        new = write_norm(self.probe, current, step, total, skipped)
+        return {name: ops.where(due, value, current[name]) for name, value in new.items()}
 
     def _wrap_compute_loss(
         self, compute_loss_and_updates: Callable[..., Any], n_probe: int
@@ -239,7 +264,7 @@ class JaxCapture(Capture):
         probe = self.probe
 
         def train_step_with_gradwatch(state: Any, data: Any) -> Any:
-            with self._train_step():
+            with self._train_step(), self._ops_scope(True):
                 logs, new_state = train_step(state, data)
             if not acts:
                 return logs, new_state

@@ -2,11 +2,12 @@
 
 Owns the ring layout (one slot per sample: the step, whether the optimizer skipped
 it, a :data:`gradwatch.rows.GRAD_ROW_FIELDS` row per gradient and an
-:data:`gradwatch.rows.ACT_ROW_FIELDS` row per activation layer) and
-:func:`write_sample`, the one pure computation of a slot's new contents that both
-the TensorFlow/torch capture (which assigns it) and the JAX capture (which returns it
-as state) use. Also two small reads: the loss scale the gradients carry (for the
-captures) and a probe variable's copy to the host (for the callback).
+:data:`gradwatch.rows.ACT_ROW_FIELDS` row per activation layer; and a ring of the total norms of
+steps not sampled) and :func:`write_sample` / :func:`write_norm`, the pure
+computations of a slot's new contents that both the TensorFlow/torch capture (which
+assigns them) and the JAX capture (which returns them as state) use. Also two small
+reads: the loss scale the gradients carry (for the captures) and a probe variable's
+copy to the host (for the callback).
 """
 
 from __future__ import annotations
@@ -24,10 +25,23 @@ from gradwatch.rows import ACT_ROWS, GRAD_ROWS, NONFINITE
 
 
 class Probe:
-    """The rings the traced train step writes and the host reads every flush."""
+    """The rings the traced train step writes and the host reads every flush.
 
-    def __init__(self, n_vars: int, n_acts: int, ring: int) -> None:
+    Args:
+        n_vars: gradient rows per slot (trainable variables; may grow once, see
+            :meth:`ensure_grads`).
+        n_acts: activation rows per slot.
+        ring: slots of the sample rings.
+        norm_ring: slots of the total-norm rings (``0``: none, see :func:`norm_ring_size`).
+        norm_every: a step not sampled takes its total norm when it is a multiple of this.
+    """
+
+    def __init__(
+        self, n_vars: int, n_acts: int, ring: int, norm_ring: int = 0, norm_every: int = 0
+    ) -> None:
         self.ring = ring
+        self.norm_ring = norm_ring
+        self.norm_every = norm_every
         self.n_vars = n_vars
         self.n_acts = n_acts
         kw: dict[str, Any] = {"trainable": False}
@@ -46,6 +60,20 @@ class Probe:
         if n_acts:
             self.acts = keras.Variable(
                 np.full((ring, n_acts, ACT_ROWS), np.nan, np.float32), name="gradwatch_acts", **kw
+            )
+        # Steps not sampled that took their total norm: slot `step // norm_every % norm_ring`
+        # holds the step (-1 = never) and [total norm, skipped by the loss scaler].
+        self.norm_steps: keras.Variable | None = None
+        self.norms: keras.Variable | None = None
+        if norm_ring:
+            self.norm_steps = keras.Variable(
+                np.full((norm_ring,), -1, np.int32),
+                dtype="int32",
+                name="gradwatch_norm_steps",
+                **kw,
+            )
+            self.norms = keras.Variable(
+                np.full((norm_ring, 2), np.nan, np.float32), name="gradwatch_norms", **kw
             )
 
     def ensure_grads(self, n_vars: int, capacity: int = 0) -> keras.Variable:
@@ -70,7 +98,7 @@ class Probe:
 
     def state(self) -> list[tuple[str, keras.Variable]]:
         """The variables by attribute name, in the order the JAX path threads them."""
-        names = ("counter", "samples", "steps", "grads", "acts")
+        names = ("counter", "samples", "steps", "grads", "acts", "norm_steps", "norms")
         return [(n, getattr(self, n)) for n in names if getattr(self, n) is not None]
 
 
@@ -130,6 +158,28 @@ def ring_size(steps_between_reads: int, spe: int, dense_until: int, sample_every
     return math.ceil((steps_between_reads + spe) / period) + 2
 
 
+def norm_ring_size(steps_between_reads: int, spe: int, sample_every: int, norm_every: int) -> int:
+    """Slots for the total norms of the steps between two reads (one per ``norm_every``
+    steps, indexed by ``step // norm_every``), or 0 when no step takes only its norm."""
+    if norm_every == 0 or sample_every == 1:
+        return 0
+    return math.ceil((steps_between_reads + spe) / norm_every) + 2
+
+
+def write_norm(
+    probe: Probe, current: dict[str, Any], step: Any, total: Any, skipped: Any
+) -> dict[str, Any]:
+    """New values of the norm rings after writing ``step``'s total norm (and whether the
+    loss scaler skipped it), from their ``current`` values. Pure, as :func:`write_sample`."""
+    ring = probe.norm_ring
+    slot = ops.mod(ops.floor_divide(step, probe.norm_every), ring)
+    entry = ops.stack([ops.cast(total, "float32"), ops.cast(skipped, "float32")])
+    return {
+        "norm_steps": _one_hot_where(slot, ring, ops.cast(step, "int32"), current["norm_steps"]),
+        "norms": _one_hot_where(slot, ring, entry, current["norms"]),
+    }
+
+
 def loss_scale(optimizer: Any) -> Any:
     """What ``optimizer`` divides the gradients by: LossScaleOptimizer's dynamic scale
     (a variable), a fixed ``loss_scale_factor``, or ``None``."""
@@ -150,4 +200,13 @@ def to_host(variable: keras.Variable) -> np.ndarray:
     return np.asarray(numpy() if callable(numpy) else value)
 
 
-__all__ = ["Probe", "grad_table", "loss_scale", "ring_size", "to_host", "write_sample"]
+__all__ = [
+    "Probe",
+    "grad_table",
+    "loss_scale",
+    "norm_ring_size",
+    "ring_size",
+    "to_host",
+    "write_norm",
+    "write_sample",
+]

@@ -1,6 +1,7 @@
 """The host side of one ``fit``: :class:`RingReader` reads the probe rings and turns
 every slot written since the last read into :class:`gradwatch.StepStats`, through
-:func:`gradwatch.rows.step_stats_from_rows`.
+:func:`gradwatch.rows.step_stats_from_rows`: a sample per variable, or the total norm
+of a step not sampled (``StepStats(step=..., grad_total_norm=...)``).
 """
 
 from __future__ import annotations
@@ -44,25 +45,54 @@ class RingReader:
         self.schedule = schedule
         self.flush_every = flush_every
         self._last_read = -1
+        self._last_norm_read = -1
 
     def flush(self, model: keras.Model | None, monitor: Monitor) -> StepStats | None:
-        """Read the rings and hand what is new to ``monitor``; the newest sample. Findings
-        are dispatched outside the guard: ``on_finding`` errors are the user's."""
+        """Read the rings and hand what is new to ``monitor``; the newest sample (per
+        variable; a step with only its total norm is not one). Findings are dispatched
+        outside the guard: ``on_finding`` errors are the user's."""
         batch: list[StepStats] = []
         with monitor.guard:
             batch = self.read(model, monitor)
         if not batch:
             return None
         monitor.observe(batch)
-        return batch[-1]
+        return next((s for s in reversed(batch) if s.grad_layers), None)
 
     def read(self, model: keras.Model | None, monitor: Monitor) -> list[StepStats]:
-        """The new samples (one host transfer per ring); notes lost ones on ``monitor``."""
-        probe = self.probe
+        """The new samples and total norms, in step order (one host transfer per ring);
+        notes lost samples on ``monitor``."""
         sync = getattr(model, "jax_state_sync", None)
         if callable(sync):
             # JAX keeps the live state outside the variables during an epoch.
             sync()
+        batch = self._read_samples(monitor) + self._read_norms()
+        batch.sort(key=lambda s: s.step)
+        return batch
+
+    def _read_norms(self) -> list[StepStats]:
+        """The total norms written since the last read (steps not sampled)."""
+        probe = self.probe
+        if probe.norm_steps is None or probe.norms is None:
+            return []
+        steps = to_host(probe.norm_steps)
+        fresh = np.flatnonzero(steps > self._last_norm_read)
+        if fresh.size == 0:
+            return []
+        fresh = fresh[np.argsort(steps[fresh])]
+        values = to_host(probe.norms).astype(np.float64)
+        self._last_norm_read = int(steps[fresh[-1]])
+        return [
+            step_stats_from_rows(
+                int(steps[slot]),
+                grad_total_norm=float(values[slot, 0]),
+                skipped=bool(values[slot, 1] > 0),
+            )
+            for slot in fresh
+        ]
+
+    def _read_samples(self, monitor: Monitor) -> list[StepStats]:
+        probe = self.probe
         steps = to_host(probe.steps)
         fresh = np.flatnonzero(steps[:, 0] > self._last_read)
         if fresh.size == 0:

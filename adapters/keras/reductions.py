@@ -3,7 +3,8 @@
 Owns the in-graph arithmetic: one gradient to a column of
 :data:`gradwatch.rows.GRAD_ROW_FIELDS` (:func:`_grad_row`, :func:`_param_norms`), one
 activation output to a row of :data:`gradwatch.rows.ACT_ROW_FIELDS`
-(:func:`_activation_row`), the sampling condition and the scatter-free ring write.
+(:func:`_activation_row`), the total norm of a step not sampled per layer (:func:`_grad_norms`,
+:func:`_combined_norm`), the sampling conditions and the scatter-free ring write.
 Pure functions of tensors: no state, no patching.
 """
 
@@ -13,6 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -158,6 +160,57 @@ def _activation_table(
 def _is_sampled(step: Any, sample_every: int, dense_until: int) -> Any:
     """In-graph twin of :func:`gradwatch.schedules.every`: is ``step`` a sampled step?"""
     return ops.logical_or(ops.less(step, dense_until), ops.equal(ops.mod(step, sample_every), 0))
+
+
+def _is_norm_due(step: Any, sample_every: int, dense_until: int, norm_every: int) -> Any:
+    """In-graph: does ``step`` take only its total norm (a multiple of ``norm_every``
+    that is not sampled)? The host twin is :func:`norm_due`."""
+    unsampled = ops.logical_not(_is_sampled(step, sample_every, dense_until))
+    return ops.logical_and(unsampled, ops.equal(ops.mod(step, norm_every), 0))
+
+
+def norm_due(step: int, sample_every: int, dense_until: int, norm_every: int) -> bool:
+    """Host twin of :func:`_is_norm_due`.
+
+    Example:
+        >>> [s for s in range(20) if norm_due(s, 8, 4, 3)]
+        [6, 9, 12, 15, 18]
+    """
+    sampled = step < dense_until or step % sample_every == 0
+    return norm_every > 0 and not sampled and step % norm_every == 0
+
+
+def _grad_norms(grads: Sequence[Any], scale: Any = None) -> Any:
+    """``(len(grads),)`` float32: the L2 norm of each gradient, one fused pass each
+    (``vdot``; ``tf.nn.l2_loss`` on TensorFlow), divided by ``scale`` (a loss scale)
+    unless it is ``None``. Finite up to ~1.8e19 per gradient, the range of the sampled
+    rows' norms (:func:`_grad_row`)."""
+    norms = []
+    tensorflow = keras.backend.backend() == "tensorflow"
+    for grad in grads:
+        g, _ = _flat_entries(grad)
+        if tensorflow:
+            import tensorflow as tf
+
+            # One kernel: 3x faster than vdot on CPU (12x512 MLP: 1.3 vs 3.9 ms, min of 200).
+            norms.append(ops.sqrt(2.0 * tf.nn.l2_loss(g)))
+        else:
+            norms.append(ops.sqrt(ops.vdot(g, g)))
+    stacked = ops.stack(norms)
+    return stacked if scale is None else ops.divide(stacked, ops.cast(scale, "float32"))
+
+
+def _combined_norm(norms: Any) -> Any:
+    """The L2 norm of a vector of norms, scaled by the largest so that norms near the
+    float32 limit combine without overflow; NaN if any is NaN, Inf if any is Inf."""
+    largest = ops.max(norms)
+    usable = ops.logical_and(ops.isfinite(largest), ops.greater(largest, 0.0))
+    unit = ops.where(usable, largest, ops.ones_like(largest))
+    combined = unit * ops.sqrt(ops.sum(ops.square(norms / unit)))
+    # A sum propagates NaN on every kernel, a max need not (see _grad_row).
+    nan = ops.isnan(ops.sum(norms))
+    out = ops.where(ops.isinf(largest), largest, combined)
+    return ops.where(nan, ops.full_like(largest, math.nan), out)
 
 
 def _one_hot_where(index: Any, size: int, new: Any, old: Any) -> Any:

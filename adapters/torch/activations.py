@@ -177,6 +177,9 @@ class ActivationCapture:
                 site = _ActivationSite(f"{name}.{attr}", fn_kind, bounds, bound)
                 self._functional_sites.append((weakref.ref(module), attr, fn, site))
         self._functional.set_modules(root_name, modules)
+        self._functional.set_params(
+            [(strip_wrapper_prefixes(n), p) for n, p in root.named_parameters()]
+        )
         self._root_ref = weakref.ref(root)
         self.active = True
         return bool(self._module_sites or self._functional_sites)
@@ -189,7 +192,8 @@ class ActivationCapture:
         return (
             "No activation was seen in the sampled training forward passes (no activation "
             "module, no functional call such as F.relu or torch.sigmoid); dead_relu falls "
-            "back to gradient zeros and saturation is not checked."
+            "back to the exact-zero gradients of layers known to feed a ReLU, and saturation "
+            "is not checked."
         )
 
     def begin_step(self, step: int) -> None:
@@ -206,6 +210,19 @@ class ActivationCapture:
             pending.act_numel.append(numel)
             pending.act_parts.append(parts)
         self._step_acts = {}
+
+    @property
+    def feeds(self) -> dict[str, str]:
+        """Parameter name -> the activation kind its layer was seen to feed, on the
+        sampled training forwards so far (see :class:`.functional.FunctionalCapture`)."""
+        feeds: dict[str, str] = self._functional.feeds
+        return feeds
+
+    @property
+    def feeds_version(self) -> int:
+        """Grows whenever :attr:`feeds` changes."""
+        version: int = self._functional.feeds_version
+        return version
 
     def is_output(self, name: str) -> bool:
         """Whether the activation ``name`` made the model's output."""
@@ -276,12 +293,19 @@ class ActivationCapture:
     def _on_module_output(
         self, site: _ActivationSite, module: nn.Module, args: Any, output: Any
     ) -> None:
+        self._note_feeds(site, module, args)
         self._on_activation(site, module.training, output, output)
 
     def _on_module_input(self, site: _ActivationSite, module: nn.Module, args: Any) -> None:
+        self._note_feeds(site, module, args)
         z = args[0] if args else None
         if isinstance(z, torch.Tensor) and z.is_floating_point() and site.input_bound is not None:
             self._on_activation(site, module.training, margin(z, site.input_bound), None)
+
+    def _note_feeds(self, site: _ActivationSite, module: nn.Module, args: Any) -> None:
+        """The layer that made this activation module's input feeds it."""
+        if args and module.training and torch.is_grad_enabled():
+            self._functional.note_feeds(args[0], site.kind)
 
     def _on_probe(self, site: _ActivationSite, training: bool, z: Any, output: Any) -> None:
         if site.input_bound is None:

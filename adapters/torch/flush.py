@@ -49,11 +49,17 @@ class PendingStep:
     act_numel: list[int] = field(default_factory=list)
     # Per activation, the raw reductions of activation_reductions_on_device.
     act_parts: list[list[torch.Tensor]] = field(default_factory=list)
+    # Per recurrent layer: its name, time steps and [first, last] input-gradient RMS.
+    time_names: list[str] = field(default_factory=list)
+    time_lengths: list[int] = field(default_factory=list)
+    time_parts: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         """Nothing was measured at this step (and it was not skipped)."""
-        return not (self.skipped or self.grad_parts or self.total_parts or self.act_parts)
+        return not (
+            self.skipped or self.grad_parts or self.total_parts or self.act_parts or self.time_parts
+        )
 
 
 class PendingSteps:
@@ -85,7 +91,7 @@ class PendingSteps:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for record in pending:
             act_tensors = [t for parts in record.act_parts for t in parts]
-            for t in (*record.grad_parts, *record.total_parts, *act_tensors):
+            for t in (*record.grad_parts, *record.total_parts, *act_tensors, *record.time_parts):
                 by_device.setdefault(t.device, []).append(t.reshape(-1))
         host: dict[torch.device, Iterator[np.ndarray]] = {}
         for device, parts in by_device.items():
@@ -102,7 +108,8 @@ class PendingSteps:
     ) -> StepStats:
         if record.skipped:
             return step_stats_from_rows(record.step, skipped=True)
-        # Read in the order drain() concatenated them: gradients, total norms, activations.
+        # Read in the order drain() concatenated them: gradients, total norms, activations,
+        # through-time gradients.
         grad_cols = [next(host[t.device]).reshape(GRAD_ROWS, -1) for t in record.grad_parts]
         total_norm = None
         if record.total_parts:  # hypot scales: groups of 1e200 do not overflow
@@ -127,6 +134,9 @@ class PendingSteps:
                     )
                 ]
             ).reshape(-1, ACT_ROWS)
+        time_rows = None
+        if record.time_parts:
+            time_rows = np.stack([next(host[t.device]) for t in record.time_parts])
         return step_stats_from_rows(
             record.step,
             layers,
@@ -135,6 +145,9 @@ class PendingSteps:
             act_kinds=record.act_kinds,
             act_is_output=[is_output(name) for name in record.act_names],
             act_rows=act_rows,
+            time_layers=record.time_names,
+            time_length=record.time_lengths,
+            time_rows=time_rows,
             grad_total_norm=total_norm,
         )
 

@@ -19,6 +19,11 @@ first GELU that ``encoder.layers.3.mlp`` computed in this forward pass.
 * The smooth ReLU-likes (GELU, SiLU, ELU, softplus...) are judged on their input ``z``
   (see :mod:`gradwatch.activations`): their margin ``max(z - bound, 0)`` is computed
   before the call, so an in-place call cannot overwrite ``z`` first.
+* Which layer feeds which activation (:attr:`FunctionalCapture.feeds`): the output of
+  each ``F.linear`` / ``conv*`` / ``matmul`` call with a model parameter is remembered,
+  by weak reference, with the parameters that made it, also through shape-preserving
+  ops (dropout, normalisation, pooling, flatten/view, adding or scaling by a parameter);
+  an activation whose input is such a tensor feeds those parameters' layers.
 
 Example:
     >>> import torch
@@ -83,6 +88,52 @@ def _spec_table() -> dict[Any, FunctionalSpec]:
 
 
 _SPECS = _spec_table()
+
+
+# How an op passes on "made by these parameters" (see FunctionalCapture.feeds):
+# "make": its output is made by the parameters among its arguments (a weight layer);
+# "keep": its output keeps its first argument's units (and adds any parameter arguments:
+#   a norm's affine weights); "bias": an elementwise op whose other operands are all
+#   parameters (``x @ w + b``); anything else forgets.
+_MAKE, _KEEP, _BIAS = "make", "keep", "bias"
+
+
+def _tracking_table() -> dict[Any, str]:
+    fn, t = torch.nn.functional, torch.Tensor
+    make = [
+        fn.linear, fn.bilinear, torch.conv1d, torch.conv2d, torch.conv3d,
+        torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
+        torch.matmul, t.matmul, t.__matmul__, t.__rmatmul__, torch.mm, t.mm,
+        torch.bmm, t.bmm, torch.addmm, t.addmm, torch.baddbmm, t.baddbmm,
+    ]  # fmt: skip
+    keep = [
+        fn.dropout, fn.dropout1d, fn.dropout2d, fn.dropout3d, fn.alpha_dropout,
+        fn.feature_alpha_dropout, fn.batch_norm, fn.layer_norm, fn.group_norm,
+        fn.instance_norm, getattr(fn, "rms_norm", None), fn.max_pool1d, fn.max_pool2d,
+        fn.max_pool3d, fn.avg_pool1d, fn.avg_pool2d, fn.avg_pool3d, fn.adaptive_avg_pool1d,
+        fn.adaptive_avg_pool2d, fn.adaptive_avg_pool3d, fn.adaptive_max_pool1d,
+        fn.adaptive_max_pool2d, fn.adaptive_max_pool3d, torch.flatten, t.flatten, t.view,
+        t.reshape, torch.reshape, t.contiguous, t.squeeze, t.unsqueeze, torch.squeeze,
+        torch.unsqueeze, t.transpose, torch.transpose, t.permute, torch.permute,
+        t.__getitem__, t.to, t.float,
+    ]  # fmt: skip
+    bias = [torch.add, t.add, t.__add__, t.__radd__, t.__iadd__, t.add_, torch.mul, t.mul,
+            t.__mul__, t.__rmul__, t.__imul__, t.mul_]  # fmt: skip
+    table: dict[Any, str] = {}
+    for how, funcs in ((_MAKE, make), (_KEEP, keep), (_BIAS, bias)):
+        table.update((f, how) for f in funcs if f is not None)
+    return table
+
+
+_TRACKING = _tracking_table()
+
+
+def tracking_of(func: Any) -> str | None:
+    """How ``func`` passes on which parameters made its output, else ``None``."""
+    try:
+        return _TRACKING.get(func)
+    except TypeError:  # an unhashable callable
+        return None
 
 
 def spec_of(func: Any) -> FunctionalSpec | None:
@@ -188,10 +239,16 @@ class _ActivationMode(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         capture = self.capture
-        spec = spec_of(func) if capture is not None else None
-        if spec is None or capture is None:
+        if capture is None:
             return func(*args, **kwargs)
-        return capture.call(func, spec, args, kwargs)
+        spec = spec_of(func)
+        if spec is not None:
+            return capture.call(func, spec, args, kwargs)
+        how = tracking_of(func)
+        out = func(*args, **kwargs)
+        if how is not None:
+            capture.track(how, args, kwargs, out)
+        return out
 
 
 class FunctionalCapture:
@@ -216,11 +273,21 @@ class FunctionalCapture:
         self._calls: dict[tuple[str, str], int] = {}
         self._hushed = 0
         self._root_ref: Callable[[], nn.Module | None] = lambda: None
+        # id(parameter) -> (parameter, its name), of the watched model.
+        self._params: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        # id(tensor) -> (tensor, names of the parameters that made it), this forward only.
+        self._made: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...]]] = {}
+        self.feeds: dict[str, str] = {}
+        self.feeds_version = 0
 
     def set_modules(self, root_name: str, modules: dict[int, tuple[Any, str, bool]]) -> None:
         """The model's modules by id (found by :class:`.activations.ActivationCapture`)."""
         self._root_name = root_name
         self._modules = modules
+
+    def set_params(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """The watched model's parameters by name, as the gradients name them."""
+        self._params = {id(p): (weakref.ref(p), name) for name, p in named}
 
     @contextlib.contextmanager
     def hush(self) -> Iterator[None]:
@@ -243,6 +310,7 @@ class FunctionalCapture:
         self._thread = threading.get_ident()
         self._stack = [(self._root_name, True, False)]
         self._calls = {}
+        self._made = {}
         modules = torch.nn.modules.module
         self._handles = [
             modules.register_module_forward_pre_hook(self._on_module_pre),
@@ -259,6 +327,7 @@ class FunctionalCapture:
             handle.remove()
         self._handles = []
         self._stack = []
+        self._made = {}
         mode, self._mode = self._mode, None
         if mode is None:
             return
@@ -297,6 +366,10 @@ class FunctionalCapture:
         """Run ``func`` and record its site; the result is returned untouched."""
         name, training, inside_activation = self._stack[-1] if self._stack else ("", False, True)
         x = args[0] if args else kwargs.get("input")
+        if not inside_activation and training and self._gate.enabled:
+            # An activation module records what feeds it itself, with its own kind.
+            with self._gate.guard:
+                self.note_feeds(x, spec.kind)
         wanted = (
             not inside_activation
             and not self._hushed
@@ -325,6 +398,54 @@ class FunctionalCapture:
                 self._record(site, spec.kind, measured, out, _INF)
         return out
 
+    # --- which layer feeds which activation --------------------------------------------
+
+    def note_feeds(self, z: Any, kind: str) -> None:
+        """An activation of ``kind`` ran on ``z``: the layers that made ``z`` feed it."""
+        for param in self.made_by(z):
+            if param not in self.feeds:  # the first seen stays: no flip-flop between branches
+                self.feeds[param] = kind
+                self.feeds_version += 1
+
+    def made_by(self, tensor: Any) -> tuple[str, ...]:
+        """Names of the parameters that made ``tensor`` in this forward, else ``()``."""
+        entry = self._made.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+        if entry is None or entry[0]() is not tensor:
+            return ()
+        return entry[1]
+
+    def track(self, how: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Remember which parameters made ``out`` (see :data:`_TRACKING`)."""
+        if not isinstance(out, torch.Tensor) or not self._gate.enabled:
+            return
+        with self._gate.guard:
+            params = self._params_in(args, kwargs)
+            if how == _MAKE:
+                made = params
+            else:
+                first = args[0] if args else kwargs.get("input")
+                made = self.made_by(first)
+                if how == _BIAS:
+                    # x + b keeps x's layer; x + h (a residual, a gate) mixes layers.
+                    others = [a for a in args[1:] if isinstance(a, torch.Tensor)]
+                    if not made and len(args) > 1:  # b + x
+                        made, others = self.made_by(args[1]), [args[0]]
+                    if not all(id(a) in self._params for a in others):
+                        return
+                if not made:
+                    return
+                made = tuple(dict.fromkeys(made + params))
+            if made:
+                self._made[id(out)] = (weakref.ref(out), made)
+
+    def _params_in(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, ...]:
+        names = []
+        for value in (*args, *kwargs.values()):
+            entry = self._params.get(id(value)) if isinstance(value, torch.Tensor) else None
+            if entry is not None and entry[0]() is value:
+                names.append(entry[1])
+        return tuple(names)
+
 
 __all__ = [
     "FunctionalCapture",
@@ -334,4 +455,5 @@ __all__ = [
     "margin",
     "module_input_bound",
     "spec_of",
+    "tracking_of",
 ]

@@ -4,6 +4,7 @@
 * :class:`.clock.StepClock`: when a step ends;
 * :class:`.grads.GradReducer`: gradient statistics on the device;
 * :class:`.activations.ActivationCapture`: activation statistics on sampled steps;
+* :class:`.recurrence.RecurrenceProbe`: the gradient through time of recurrent layers;
 * :class:`.flush.PendingSteps`: the one host transfer every ``flush_every`` steps.
 
 The watch owns only its configuration (the schedules, checked at ``watch()``), which
@@ -24,12 +25,14 @@ from gradwatch.adapters.torch.clock import StepClock
 from gradwatch.adapters.torch.flush import PendingStep, PendingSteps
 from gradwatch.adapters.torch.gate import HookGate
 from gradwatch.adapters.torch.grads import GradReducer
+from gradwatch.adapters.torch.layer_info import TorchLayerInfo
 from gradwatch.adapters.torch.live import (
     forget_live_watch,
     is_rank_zero,
     replace_live_watch,
 )
 from gradwatch.adapters.torch.native import build_failure, build_status
+from gradwatch.adapters.torch.recurrence import RecurrenceProbe
 from gradwatch.adapters.torch.wrappers import (
     is_compiled,
     resolve_optimizer,
@@ -43,6 +46,7 @@ from gradwatch.analyzer import Analyzer
 from gradwatch.config import check_bool, check_int, check_on_finding, check_schedule
 from gradwatch.findings import Finding
 from gradwatch.guard import Guard
+from gradwatch.layer_info import LayerInfo
 from gradwatch.monitor import Monitor
 from gradwatch.report import Report
 from gradwatch.rules import DEFAULT_RULES, Rule
@@ -149,6 +153,14 @@ class TorchWatch:
         elif activations:
             self._acts.find_sites(root, note=self._monitor.note)
         self._acts.begin_step(0)
+        self._time = RecurrenceProbe(gate, self._grad_schedule, self._monitor.note)
+        self._compiled = is_compiled(model)
+        # What each parameter's layer is, for the rules (the probe's word on recurrent ones).
+        self._layer_info: TorchLayerInfo | None = None
+        self._recurrent_info: dict[str, LayerInfo] = {}
+        self._feeds_version = -1
+        self._find_recurrent(root, compiled=self._compiled)
+        self._find_layer_info(root)
         # The C kernels build in the background (torch ops meanwhile: slower, not wrong);
         # a build that fails is noted at the first flush after it ends.
         self._kernels_unsettled = any(p.device.type == "cpu" for p in self._grads.params)
@@ -222,6 +234,7 @@ class TorchWatch:
         self._monitor.close()
         self._clock.close()
         self._acts.close()
+        self._time.close()
         self._pending.clear()
         self._grads.close()
         model = self._model_ref()
@@ -250,6 +263,7 @@ class TorchWatch:
         elif self._norm_schedule(step):
             self._grads.reduce_total_norm(pending)
         self._acts.drain_into(pending)
+        self._time.drain_into(pending)
         self._pending.add(pending)
 
     def _on_skipped(self, step: int) -> None:
@@ -257,6 +271,7 @@ class TorchWatch:
 
     def _on_advance(self, step: int) -> None:
         self._acts.begin_step(step)
+        self._time.begin_step(step)
         if step % self._flush_every == 0:
             self._flush()
 
@@ -284,6 +299,7 @@ class TorchWatch:
 
     def _flush(self) -> None:
         self._note_kernel_fallback()
+        self._push_layer_info()
         stats = self._pending.drain(is_output=self._acts.is_output)
         if stats:
             self._monitor.observe(stats)
@@ -319,6 +335,39 @@ class TorchWatch:
         if self._activations:
             self._acts.find_sites(root, note=lambda text: None)
             self._acts.begin_step(self.step_count)
+        self._find_recurrent(root, compiled=self._compiled)
+        self._find_layer_info(root)
+
+    def _find_layer_info(self, root: nn.Module) -> None:
+        """What each parameter's layer is (fan-in, recurrence, the activation it feeds),
+        for the rules; the activations seen on sampled forwards are added at flushes."""
+        self._feeds_version = -1
+        with self.guard:
+            self._layer_info = TorchLayerInfo(root)
+            self._push_layer_info(force=True)
+
+    def _push_layer_info(self, force: bool = False) -> None:
+        """Hand the core the layer info again when new activations were seen feeding layers."""
+        info, acts = self._layer_info, self._acts
+        if info is None or (acts.feeds_version == self._feeds_version and not force):
+            return
+        self._feeds_version = acts.feeds_version
+        if info.see(acts.feeds) or force:
+            self._monitor.set_layer_info(info.current(over=self._recurrent_info))
+
+    def _find_recurrent(self, root: nn.Module, *, compiled: bool) -> None:
+        """Find the recurrent layers (their kinds go to the rules) and tap them from the
+        current step on; a ``torch.compile``'d model is not tapped (hooks break its graph)."""
+        info = self._recurrent_info = self._time.find_layers(root)
+        if info:
+            self._monitor.set_layer_info(info)
+        if compiled and self._time.names:
+            self._time.close()
+            self._monitor.note(
+                "The gradient through time of recurrent layers is not measured on a "
+                "torch.compile'd model (hooks would break its graph)."
+            )
+        self._time.begin_step(self.step_count)
 
 
 def watch(

@@ -18,6 +18,7 @@ from gradwatch.rules.base import (
     sampled_median,
     window_median,
 )
+from gradwatch.rules.causes import init_too_small, large_bias_groups
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,24 @@ class DeadRelu(Rule):
     window median of a layer's dead fraction exceeds ``dead_fraction``. Normal ReLU
     sparsity (20-30% of units idle on a batch) stays well below it.
 
-    Without activation statistics the rule falls back to the gradients: a weight
-    group with at least ``zero_grad_fraction`` exact-zero entries is dying
-    (AUTOTRAINER). That fallback only runs when no ReLU activation was observed,
-    because sparse layers such as embeddings also have many zero gradients.
+    A finding names the *layers* that feed the dead activations when the adapter's
+    :class:`~gradwatch.layer_info.LayerInfo` tells them apart (a functional ``F.relu``
+    in ``forward()`` is a site such as ``net#relu:0``; the finding names ``conv1``):
+    every layer group that feeds a dead site's kind, when each site of that kind is
+    dead; else, for ReLU and ReLU6, the groups among them whose gradient also has more
+    than ``dead_fraction`` exact zeros (a dead unit's incoming weights get none), if
+    there is exactly one per dead site. Otherwise it names the sites.
+
+    Without activation statistics the rule falls back to the gradients: a layer group
+    with at least ``zero_grad_fraction`` exact-zero gradient entries is dying
+    (AUTOTRAINER), but only when its layer info says it feeds a ReLU or ReLU6 (seen, or
+    inferred from the module type): theirs is the only derivative that is exactly 0
+    on a half-line, so exact zeros are their signature. Groups with no layer info, or
+    that feed anything else, are never blamed: embeddings (rows of tokens not in the
+    batch) and recurrent cells (saturated gates after an explosion) also have
+    exact-zero gradients. A ReLU-fed layer right after dead units has zero gradients
+    too (its dead inputs) and is named with them. The fallback only runs when no
+    hidden activation was observed at all.
 
     Args:
         dead_fraction: fraction of dead units that makes a layer dead. Defaults to
@@ -72,6 +87,40 @@ class DeadRelu(Rule):
             return None  # activations are observed and none can die
         return self._from_gradients(ctx, relax)
 
+    def _zero_fraction(self, ctx: RuleContext) -> tuple[np.ndarray, np.ndarray]:
+        """Window medians of each layer group's exact-zero gradient fraction and size."""
+        view = ctx.grads
+        rows = slice(max(0, view.n_steps - self.window), None)
+        return window_median(view["zero_frac"][rows]), window_median(view["numel"][rows])
+
+    def _feeding_layers(
+        self, ctx: RuleContext, cols: list[int], dead: np.ndarray, relax: float
+    ) -> tuple[str, ...]:
+        """The layer groups that feed the dead sites ``cols[i] for i in dead``, kind by
+        kind where the layer info tells them apart, else those sites' names."""
+        zero, numel = self._zero_fraction(ctx)
+        groups = ctx.grads.columns
+        sites = ctx.acts.columns
+        named: list[str] = []
+        for kind in dict.fromkeys(ctx.act_kinds[cols[i]] for i in dead):
+            dead_sites = [sites[cols[i]] for i in dead if ctx.act_kinds[cols[i]] == kind]
+            fed = [
+                j
+                for j, g in enumerate(groups)
+                if (info := ctx.layer_info.get(g)) is not None and info.feeds == kind
+            ]
+            # Every site of this kind dead (the model's output included): all its feeders are.
+            all_dead = len(dead_sites) == sum(k == kind for k in ctx.act_kinds)
+            if fed and not all_dead and kind in CAN_DIE:
+                # A dead ReLU unit's incoming weights get exactly zero gradient.
+                fed = [j for j in fed if zero[j] > self.dead_fraction / relax and numel[j] > 16]
+                if len(fed) != len(dead_sites):
+                    fed = []  # layers after dead inputs have zeros too: not told apart
+            elif not all_dead:
+                fed = []
+            named += [groups[j] for j in fed] if fed else dead_sites
+        return tuple(dict.fromkeys(named))
+
     def _from_activations(self, ctx: RuleContext, cols: list[int], relax: float) -> Symptom | None:
         view = ctx.acts
         median = sampled_median(ctx, cols, "dead", self.window, self.min_samples, self.sparse_rows)
@@ -80,7 +129,8 @@ class DeadRelu(Rule):
         hit = np.flatnonzero(median > self.dead_fraction / relax)
         if hit.size == 0:
             return None
-        layers = tuple(view.columns[cols[i]] for i in hit)
+        sites = tuple(view.columns[cols[i]] for i in hit)
+        layers = self._feeding_layers(ctx, cols, hit, relax)
         worst = float(nanmax(median[hit]))
         inactive = sampled_median(
             ctx, cols, "inactive", self.window, self.min_samples, self.sparse_rows
@@ -97,9 +147,10 @@ class DeadRelu(Rule):
             how = "output zero for whole batches, so they get no gradient"
         else:
             how = "sit in the flat negative tail for whole batches (under 1% of the peak slope)"
-        message = (
-            f"{worst:.0%} of the units in {format_layers(layers)} {how} and have stopped learning."
-        )
+        where = format_layers(sites)
+        if layers != sites:
+            where = f"the activations after {format_layers(layers)} ({where})"
+        message = f"{worst:.0%} of the units in {where} {how} and have stopped learning."
         severity = "error" if worst >= 0.99 else "warning"
         return Symptom(layers, severity, message, evidence, self._fixes(ctx), score=worst)
 
@@ -110,20 +161,28 @@ class DeadRelu(Rule):
         if totals.size and not bool(np.any(totals != 0.0)):
             return None  # every gradient is zero: zero_gradient's case, not dying units
         view = ctx.grads
-        rows = slice(max(0, view.n_steps - self.window), None)
-        zero = window_median(view["zero_frac"][rows])
-        numel = window_median(view["numel"][rows])
+        zero, numel = self._zero_fraction(ctx)
+        info = ctx.layer_info
+        # Exact zeros are a dead ReLU's signature only in a layer known to feed one.
+        relu_fed = np.array(
+            [(i := info.get(g)) is not None and i.feeds in CAN_DIE for g in view.columns],
+            dtype=bool,
+        )
         # Groups with more than a handful of entries; a 1-element bias is no evidence.
-        hit = np.flatnonzero((zero >= self.zero_grad_fraction / relax) & (numel > 16))
+        hit = np.flatnonzero(relu_fed & (zero >= self.zero_grad_fraction / relax) & (numel > 16))
         if hit.size == 0:
             return None
         layers = tuple(view.columns[i] for i in hit)
         worst = float(nanmax(zero[hit]))
-        evidence = {"zero_gradient_fraction": worst, "layers_dead": float(hit.size)}
+        evidence = {
+            "zero_gradient_fraction": worst,
+            "layers_dead": float(hit.size),
+            "relu_fed_layers": float(relu_fed.sum()),
+        }
         message = (
             f"{worst:.0%} of the gradient entries of {format_layers(layers)} are exactly "
-            f"zero, the signature of dead units (ReLU units stuck at zero, if the layers "
-            f"use ReLU: no activation was observed)."
+            f"zero, the signature of dead ReLU units (zero for whole batches) in these "
+            f"layers or right before them; their activations were not observed."
         )
         return Symptom(layers, "warning", message, evidence, self._fixes(ctx), score=worst)
 
@@ -139,6 +198,12 @@ class DeadRelu(Rule):
         )
         # He init is "for ReLU-family layers": only named once such layers were seen.
         init = "he_init" if ctx.hidden_kinds else "init_for_activation"
+        if large_bias_groups(ctx):
+            # A bias far below zero holds the units off from the first step.
+            return fixes("bias_init", "leaky_relu", init)
+        if init_too_small(ctx):
+            # Tiny weights leave the bias to decide the sign of every unit: fix the scale.
+            return fixes(init, "leaky_relu", "lower_learning_rate")
         if spike:
             # Units died after a gradient spike: a too-large step knocked them out.
             return fixes("lower_learning_rate", "leaky_relu", init)

@@ -7,8 +7,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.fixes import clipping_fix, fixes
-from gradwatch.rules.base import Rule, RuleContext, Symptom, format_layers, nanmax, window_median
+from gradwatch.fixes import clipping_fix
+from gradwatch.rules.base import (
+    Rule,
+    RuleContext,
+    Symptom,
+    format_layers,
+    median,
+    nanmax,
+    window_median,
+)
+from gradwatch.rules.causes import WEIGHT_JUMP, explosion_fixes, weight_jump
 
 # The usual default max-norm (fairseq, HF Trainer) when the run offers nothing to calibrate on.
 _DEFAULT_MAX_NORM = 1.0
@@ -27,7 +36,10 @@ class ExplodingGradient(Rule):
     * **across steps**: the median total norm of the newest quarter of the window is
       more than ``growth_factor`` times the median of its oldest quarter, or than the
       run's initial norm (an explosion inside the first steps leaves no healthy
-      window to compare with).
+      window to compare with);
+    * **in the weights**: one step changed the norm of the weights by more than
+      ``weight_jump`` of itself (gradient times learning rate exploded, even when the
+      gradient norm itself stays moderate, as an LSTM under SGD at lr=200 does).
 
     Args:
         ratio_threshold: first/last norm ratio above which gradients explode.
@@ -47,6 +59,10 @@ class ExplodingGradient(Rule):
         growth_factor: total-norm growth inside the window that counts as explosive.
             Defaults to ``100`` (two orders of magnitude in ``window`` steps; healthy
             runs change norm by far less, see the scenario zoo).
+        weight_jump: relative one-step change of the total weight norm above which
+            the updates explode. Defaults to
+            :data:`gradwatch.rules.causes.WEIGHT_JUMP` (``0.25``: healthy updates are
+            ~1e-3 of the weights, Karpathy CS231n; our healthy zoo runs stay under 0.031).
         window: steps looked at. Defaults to ``40`` so the growth signal compares two
             10-step quarters.
         hysteresis: once active, thresholds are relaxed by this factor. Defaults to ``2``.
@@ -62,6 +78,7 @@ class ExplodingGradient(Rule):
     growth_factor: float = 100.0
     spike_factor: float = 100.0
     relative_threshold: float = 100.0
+    weight_jump: float = WEIGHT_JUMP
     window: int = 40
     persistence: int = 5
     hysteresis: float = 2.0
@@ -76,7 +93,7 @@ class ExplodingGradient(Rule):
         weights = window_median(view["param_norm"][rows])
         weighed = live[np.isfinite(weights[live]) & (weights[live] > 0)]
         # The median over layers: a zero-initialised layer (ReZero, Fixup) is not a cause.
-        relative = float(np.median(norm[weighed] / weights[weighed])) if weighed.size else 0.0
+        relative = median(norm[weighed] / weights[weighed]) if weighed.size else 0.0
         total = ctx.run["total_norm"][rows, 0]
         total = total[np.isfinite(total)]
         growth = 1.0
@@ -85,20 +102,22 @@ class ExplodingGradient(Rule):
         # Also with fewer finite norms than a quarter: the run went non-finite (our zoo:
         # N(0, 0.5) init grows the norm 3e13x in 4 steps, then NaN).
         if total.size >= min(quarter, 2):
-            late = float(np.median(total[-quarter:]))
-            early = float(np.median(total[:quarter])) if total.size >= 2 * quarter else late
+            late = median(total[-quarter:])
+            early = median(total[:quarter]) if total.size >= 2 * quarter else late
             references = [r for r in (early, baseline) if r is not None and r > 0]
             growth = max((late / r for r in references), default=1.0)
         spike = 1.0
         peak = int(np.argmax(total)) if total.size else 0
         if peak >= 3:
-            before = float(np.median(total[:peak]))
+            before = median(total[:peak])
             spike = float(total[peak]) / before if before > 0 else 1.0
         by_layers = layer_ratio > self.ratio_threshold / relax
         by_size = relative > self.relative_threshold / relax
         by_spike = spike > self.spike_factor / relax
         by_steps = growth > self.growth_factor / relax or by_spike
-        if not (by_layers or by_steps or by_size):
+        jump = weight_jump(ctx, self.window)
+        by_weights = jump > self.weight_jump / relax
+        if not (by_layers or by_steps or by_size or by_weights):
             return None
         if by_layers:
             cut = norm[live[-1]] * math.sqrt(self.ratio_threshold / relax)
@@ -113,6 +132,14 @@ class ExplodingGradient(Rule):
             message = (
                 f"Gradients are {relative:.3g}x the size of the weights they update, so "
                 f"any ordinary learning rate throws each layer far off in one step."
+            )
+        elif by_weights and not by_steps:
+            affected = tuple(view.columns[i] for i in weighed) or tuple(
+                view.columns[i] for i in live
+            )
+            message = (
+                f"One optimizer step changed the size of the weights by {jump:.0%}; "
+                f"the updates are exploding and throw the model far off."
             )
         elif by_spike and not growth > self.growth_factor / relax:
             affected = tuple(view.columns[i] for i in live)
@@ -134,6 +161,7 @@ class ExplodingGradient(Rule):
             "grad_to_weight_ratio": relative,
             "total_norm": latest,
             "max_layer_norm": float(nanmax(norm[live])) if live.size else math.nan,
+            "weight_norm_jump": jump,
         }
         # Huge from the very first steps or amplified layer after layer: the
         # initialization is the cause, and the first steps are no healthy scale to
@@ -144,11 +172,10 @@ class ExplodingGradient(Rule):
         calibrated = by_steps and not init_cause and baseline is not None and baseline > 0
         max_norm = 2.0 * baseline if calibrated and baseline is not None else _DEFAULT_MAX_NORM
         evidence["suggested_max_norm"] = max_norm
-        others = fixes("lower_learning_rate", "he_init", "xavier_init")
-        ranked = (clipping_fix(max_norm, calibrated), *others)
-        if init_cause:  # clipping would only mask it
-            ranked = (ranked[2], ranked[0], ranked[3], ranked[1])
+        clip = clipping_fix(max_norm, calibrated)
+        ranked = explosion_fixes(ctx, clip, init_cause, self.window)
         score = max(
+            jump / self.weight_jump if self.weight_jump > 0 else math.inf,
             layer_ratio / self.ratio_threshold,
             growth / self.growth_factor,
             spike / self.spike_factor,

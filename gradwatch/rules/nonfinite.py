@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.fixes import fixes
+from gradwatch.fixes import fix, fixes
 from gradwatch.rules.base import Rule, RuleContext, Symptom, format_layers
+from gradwatch.rules.causes import explosion_fixes
 
 
 @dataclass(frozen=True)
@@ -50,16 +51,17 @@ class NonfiniteGradient(Rule):
         run = ctx.run
         # Every step since the previous check, not only the newest one.
         fresh = view.steps > ctx.step - ctx.new_steps
-        recent = np.nan_to_num(view["nonfinite"][fresh])
+        recent = view["nonfinite"][fresh]
+        recent = np.where(np.isnan(recent), 0.0, recent)  # absent layers; counts are never Inf
         nonfinite = recent.sum(axis=0)
         bad = np.flatnonzero(nonfinite > 0)
         # Steps with only a total norm (not sampled per layer) count too.
         run_fresh = run.steps > ctx.step - ctx.new_steps
-        bad_steps = run.steps[run_fresh][np.nan_to_num(run["nonfinite"][run_fresh, 0]) > 0]
+        bad_steps = run.steps[run_fresh][run["nonfinite"][run_fresh, 0] > 0]
         since = int(bad_steps[0]) if bad_steps.size else None
         rows = slice(max(0, run.n_steps - self.window), None)
         skipped = run["skipped"][rows, 0]
-        n_skipped = int(np.nansum(skipped))
+        n_skipped = int(skipped.sum())  # pushed every step: never NaN
         skip_rate = n_skipped / max(1, skipped.size)
         by_skips = n_skipped >= self.min_skipped and skip_rate > self.skipped_fraction
         if bad_steps.size == 0 and not by_skips:
@@ -99,8 +101,14 @@ class NonfiniteGradient(Rule):
                 f"because the gradients overflowed, so the model is not training."
             )
         if exploded:
-            ranked = fixes("gradient_clipping", "lower_learning_rate", "stable_loss")
+            # The NaN ended an explosion: rank by what caused the explosion.
+            clip = fix("gradient_clipping")
+            ranked = (*explosion_fixes(ctx, clip, False), *fixes("stable_activation"))
         else:
-            ranked = fixes("stable_loss", "lower_learning_rate", "gradient_clipping")
+            # Born at an ordinary scale: a log/sqrt/division in the loss, or an activation
+            # that overflows (exp) in the forward pass; no statistic tells them apart yet.
+            ranked = fixes(
+                "stable_loss", "stable_activation", "lower_learning_rate", "gradient_clipping"
+            )
         score = float(nonfinite.sum()) + float(bad_steps.size) + n_skipped
         return Symptom(layers, "error", message, evidence, ranked, since=since, score=score)

@@ -17,6 +17,7 @@ from gradwatch.rules.base import (
     nanmax,
     sampled_median,
 )
+from gradwatch.rules.causes import init_fix, init_too_large, large_bias_groups
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,12 @@ class Saturation(Rule):
         input_driven = median[0] > self.tail_fraction and (
             rest.size == 0 or bool(nanmax(rest) < 0.5 * median[0])
         )
-        if all(ctx.act_kinds[cols[i]] in JUDGED_ON_INPUT for i in hit):
+        if large_bias_groups(ctx):
+            # A large bias pins the units in a tail from the first step (a gate at +8).
+            ranked = fixes("bias_init", "xavier_init", "batch_norm")
+        elif init_too_large(ctx):
+            ranked = fixes(init_fix(ctx.hidden_kinds), "batch_norm", "normalize_inputs")
+        elif all(ctx.act_kinds[cols[i]] in JUDGED_ON_INPUT for i in hit):
             # The negative tail of a ReLU-like: pre-activations pushed far below zero.
             ranked = fixes("batch_norm", "he_init", "normalize_inputs")
         elif input_driven:

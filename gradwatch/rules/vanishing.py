@@ -1,4 +1,5 @@
-"""``vanishing_gradient``: the first layers get a tiny fraction of the last layers' gradient."""
+"""``vanishing_gradient``: the first layers get a tiny fraction of the last layers' gradient,
+or the first time steps of a plain RNN a tiny fraction of its last time step's."""
 
 from __future__ import annotations
 
@@ -9,9 +10,19 @@ import numpy as np
 
 from gradwatch.activations import SQUASHING
 from gradwatch.fixes import Fix, fixes
-from gradwatch.rules.base import Rule, RuleContext, Symptom, format_layers, window_median
+from gradwatch.rules.base import (
+    Rule,
+    RuleContext,
+    Symptom,
+    format_layers,
+    recent_rows,
+    window_median,
+)
+from gradwatch.rules.causes import init_fix, init_too_small
 
 _RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "softplus"})
+# Recurrent layers without gates (LayerInfo.kind as torch and Keras spell them).
+_PLAIN_RECURRENT = frozenset({"RNN", "SimpleRNN"})
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,17 @@ class VanishingGradient(Rule):
     zeros (``zero_frac >= dead_zero_frac``) are dead, not vanishing, and are left to
     ``dead_relu``.
 
+    Through time: for a plain (ungated) recurrent layer (``LayerInfo.kind`` ``"RNN"`` or
+    ``"SimpleRNN"``) whose adapter measured it (``RuleContext.time``), it also fires when
+    the window median of RMS dL/dx_1 / RMS dL/dx_T, the gradient reaching the first time
+    step against the last one's, is below ``time_ratio_threshold``, even when every
+    parameter's norm looks normal. A plain RNN multiplies the gradient by at most
+    ||W_hh|| x max|tanh'| per step back (Bengio, Simard & Frasconi 1994; Pascanu et al.
+    2013), and only a recurrent weight at the edge of exploding escapes that. Gated
+    layers (LSTM, GRU) are not judged so: their gates set the per-step factor and learn
+    it, and a small ratio is what they learned to forget (our scenarios: an LSTM and a GRU
+    that learn a 20-step task over 200 steps measure window medians of 1e-42 to 2e-6).
+
     Args:
         ratio_threshold: first/last norm ratio below which gradients vanish.
             Defaults to ``1e-3`` (AUTOTRAINER, Zhang et al., ICSE 2021).
@@ -51,6 +73,14 @@ class VanishingGradient(Rule):
             (SageMaker Debugger ``vanishing_gradient``).
         dead_zero_frac: zero-entry fraction above which a group counts as dead.
             Defaults to ``0.7`` (AUTOTRAINER's dying-ReLU threshold).
+        time_ratio_threshold: first/last time-step gradient ratio (RMS of dL/d(input))
+            of a plain RNN below which gradients vanish through time. Defaults to
+            ``1e-5``, the five orders of magnitude of ``severe_ratio_threshold`` (our
+            scenarios' window medians: a 200-step tanh RNN 2e-8 and below; plain RNNs
+            that keep their gradient, 2e-3 and above over 10 steps, 1e-3 and above for
+            a ReLU RNN over 32 steps).
+        min_time_samples: sampled steps with a through-time measurement needed in the
+            window. Defaults to ``3``.
         hysteresis: once active, thresholds are relaxed by this factor. Defaults to ``3``.
 
     Example:
@@ -69,9 +99,73 @@ class VanishingGradient(Rule):
     min_decay_depth: int = 6
     mean_abs_threshold: float = 1e-7
     dead_zero_frac: float = 0.7
+    time_ratio_threshold: float = 1e-5
+    min_time_samples: int = 3
     hysteresis: float = 3.0
 
     def check(self, ctx: RuleContext) -> Symptom | None:
+        by_layers = self._check_layers(ctx)
+        through_time = self._check_through_time(ctx)
+        if by_layers is None or through_time is None:
+            return by_layers or through_time
+        return through_time if through_time.score >= by_layers.score else by_layers
+
+    def _check_through_time(self, ctx: RuleContext) -> Symptom | None:
+        """The through-time branch (see the class docstring)."""
+        view = ctx.time
+        plain = [
+            i
+            for i, name in enumerate(view.columns)
+            if (info := ctx.layer_info.get(name)) is not None and info.kind in _PLAIN_RECURRENT
+        ]
+        if not plain or view.n_steps == 0:
+            return None
+        rows = recent_rows(view.steps, self.window, self.min_time_samples)
+        first = view["grad_first"][rows][:, plain]
+        last = view["grad_last"][rows][:, plain]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = np.where(
+                np.isfinite(first) & np.isfinite(last) & (last > 0), first / last, np.nan
+            )
+        if int(np.count_nonzero(~np.isnan(ratios).all(axis=1))) < self.min_time_samples:
+            return None
+        ratio = window_median(ratios)
+        length = window_median(view["length"][rows][:, plain])
+        relax = self.hysteresis if ctx.active else 1.0
+        limit = min(self.time_ratio_threshold * relax, 1.0)
+        hit = [k for k in range(len(plain)) if ratio[k] < limit]
+        if not hit:
+            return None
+        worst = min(hit, key=lambda k: float(ratio[k]))
+        affected = tuple(view.columns[plain[k]] for k in hit)
+        worst_ratio, steps = float(ratio[worst]), int(length[worst])
+        # The mean per-step factor of the decay: ratio = factor ** (steps - 1).
+        factor = worst_ratio ** (1.0 / max(steps - 1, 1))
+        evidence = {
+            "through_time_ratio": worst_ratio,
+            "time_steps": float(steps),
+            "per_step_factor": factor,
+            "first_step_grad_rms": float(window_median(first[:, [worst]])[0]),
+            "last_step_grad_rms": float(window_median(last[:, [worst]])[0]),
+            "layers_affected": float(len(affected)),
+        }
+        share = "underflows to 0 against" if worst_ratio == 0.0 else f"is {worst_ratio:.1e} of"
+        message = (
+            f"The gradient reaching the first of {steps} time steps of "
+            f"{view.columns[plain[worst]]} {share} the last one's (x{factor:.2f} per step "
+            f"back), so the RNN cannot learn from the start of its sequences."
+        )
+        others = tuple(name for name in affected if name != view.columns[plain[worst]])
+        if others:
+            message += f" Also in {format_layers(others)}."
+        score = -math.log10(max(worst_ratio, 1e-300))
+        # A plain RNN: gates keep the gradient through time (or fewer steps to go back).
+        return Symptom(
+            affected, "warning", message, evidence, fixes("gated_recurrence"), score=score
+        )
+
+    def _check_layers(self, ctx: RuleContext) -> Symptom | None:
+        """The first-layers-against-last-layers branch (see the class docstring)."""
         view = ctx.grads
         rows = slice(max(0, view.n_steps - self.window), None)
         norm = window_median(view["norm"][rows])
@@ -132,6 +226,10 @@ class VanishingGradient(Rule):
 
     @staticmethod
     def _fixes(ctx: RuleContext, depth: int) -> tuple[Fix, ...]:
+        if init_too_small(ctx):
+            # Each layer shrinks the signal both ways: the init scale is the cause.
+            init = init_fix(ctx.hidden_kinds)
+            return fixes(init, "batch_norm", "leaky_relu", "residual")
         if ctx.hidden_kinds & SQUASHING:
             # Chained sigmoid/tanh derivatives (<= 0.25 each) are the cause: swap them.
             return fixes("leaky_relu", "he_init", "batch_norm", "residual")

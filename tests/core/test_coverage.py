@@ -17,6 +17,7 @@ from gradwatch.activations import (
     input_tail_bound,
     kind_from_name,
 )
+from gradwatch.layer_info import LayerInfo
 from gradwatch.monitor import Monitor
 from gradwatch.render import coverage_line
 from gradwatch.report import Coverage, Report
@@ -162,14 +163,17 @@ def test_seen_sigmoids_rank_leaky_relu_first() -> None:
     assert "he_init" in [fix.id for fix in f.fixes]
 
 
-def test_dead_relu_from_gradients_alone_does_not_assert_relu_fixes() -> None:
+def test_dead_relu_from_gradients_alone_says_activations_were_not_observed() -> None:
     def make(step: int, rng: np.random.Generator):
         return grad_step(step, noisy([0.3, 0.4, 0.5], rng, 0.1), zero_frac=[0.9, 0.0, 0.0])
 
-    f = run(40, make).report().by_rule("dead_relu")
-    assert f is not None
-    assert not any("ReLU-family layers" in fix.text for fix in f.fixes)
-    assert "if the layers use ReLU" in f.message
+    relu_fed = gradwatch.Analyzer(strict=True)
+    relu_fed.set_layer_info({"fc0.weight": LayerInfo(feeds="relu")})
+    f = run(40, make, relu_fed).report().by_rule("dead_relu")
+    assert f is not None and f.layers == ("fc0",)
+    assert "activations were not observed" in f.message
+    # Without the adapter saying a ReLU follows fc0, its zeros blame nothing.
+    assert run(40, make).report().by_rule("dead_relu") is None
 
 
 def test_fallback_console_text_says_where_observed() -> None:

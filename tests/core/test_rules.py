@@ -10,6 +10,7 @@ import pytest
 from synth import decaying, grad_step, noisy, rule_ids, run
 
 from gradwatch import Analyzer, StepStats
+from gradwatch.layer_info import LayerInfo
 from gradwatch.rules import DeadRelu, ExplodingGradient, Saturation, VanishingGradient
 
 SIGMOID_ACTS = {f"act{i}": ("sigmoid", 0.0, 0.0, 0.05) for i in range(9)}
@@ -294,10 +295,17 @@ def test_fully_dead_layer_is_an_error():
     assert f is not None and f.severity == "error"
 
 
-def test_dead_relu_falls_back_to_zero_gradients_without_activation_stats():
-    an = run(60, lambda s, r: grad_step(s, [0.5, 1.0], zero_frac=[0.9, 0.1]))
+def test_dead_relu_falls_back_to_zero_gradients_of_relu_fed_layers():
+    relu_fed = Analyzer(strict=True)
+    relu_fed.set_layer_info({"fc0.weight": LayerInfo(feeds="relu")})
+    an = run(60, lambda s, r: grad_step(s, [0.5, 1.0], zero_frac=[0.9, 0.1]), relu_fed)
     f = an.report().by_rule("dead_relu")
     assert f is not None and f.layers == ("fc0",)
+
+
+def test_dead_relu_fallback_blames_no_layer_without_a_relu_after_it():
+    an = run(60, lambda s, r: grad_step(s, [0.5, 1.0], zero_frac=[0.9, 0.1]))
+    assert an.report().by_rule("dead_relu") is None
 
 
 def test_zero_gradient_fallback_is_off_when_activations_are_observed():

@@ -136,7 +136,8 @@ def test_loss_scale_optimizer_reports_unscaled_gradients() -> None:
 def test_sample_every_reads_every_nth_real_step() -> None:
     model = _small_model()
     seen = []
-    cb = _cb(sample_every=4, flush_every=3, dense_until=0)
+    # norm_every=0: the samples alone (the steps between them are test_between_samples')
+    cb = _cb(sample_every=4, flush_every=3, dense_until=0, norm_every=0)
     cb_steps = _StepRecorder(cb, seen)
     fit(model, [cb, cb_steps])  # 512 / 16 = 32 steps
     assert cb.report.steps_observed == 8
@@ -146,7 +147,7 @@ def test_sample_every_reads_every_nth_real_step() -> None:
 
 def test_dense_start_reads_every_step_then_every_nth() -> None:
     model = _small_model()
-    cb = _cb(sample_every=4, flush_every=5, dense_until=10)
+    cb = _cb(sample_every=4, flush_every=5, dense_until=10, norm_every=0)
     fit(model, [cb])  # 32 steps: 0..9, then 12, 16, ..., 28
     assert cb.report.steps_observed == 10 + 5
     assert cb.report.last_step == 28
@@ -276,7 +277,7 @@ def test_checkpoint_saved_during_fit_holds_no_gradwatch_state(tmp_path) -> None:
 def test_validation_during_fit() -> None:
     model = _small_model()
     x, y = data(n=128)
-    cb = _cb(sample_every=2, dense_until=0)
+    cb = _cb(sample_every=2, dense_until=0, norm_every=0)
     history = model.fit(
         x, y, validation_data=(x, y), epochs=3, batch_size=16, verbose=0, callbacks=[cb]
     )

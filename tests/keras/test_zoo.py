@@ -27,8 +27,15 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.detect import DETECT_WITHIN, run_keras  # noqa: E402
 from benchmarks.scenarios import Scenario, keras_scenarios  # noqa: E402
+from benchmarks.scenarios.expected_fixes import expert_set  # noqa: E402
 
 FAST = [s for s in keras_scenarios() if s.fast]
+# First fixes we know are wrong (docs/rules.md): no statistic yet tells an activation
+# overflowing in the forward pass (exp) from a learning-rate explosion.
+KNOWN_WRONG_FIRST = {
+    ("nonfinite_exp_activation", "exploding_gradient"),
+    ("nonfinite_exp_activation", "nonfinite_gradient"),
+}
 
 
 def test_keras_zoo_has_ten_scenarios_with_healthy_traps() -> None:
@@ -48,3 +55,8 @@ def test_keras_scenario_detection(scn: Scenario) -> None:
     assert found <= scn.expected_rules, f"extra findings: {found - scn.expected_rules}"
     for rule in scn.expected_rules:
         assert result["first_step"][rule] < DETECT_WITHIN, (rule, result["first_step"])
+    # Every found expected rule with an expert set ranks a fix of that set first.
+    for rule in sorted(scn.expected_rules):
+        expert = expert_set("keras", scn.name, rule)
+        if expert is not None and (scn.name, rule) not in KNOWN_WRONG_FIRST:
+            assert result["top_fix"][rule] in expert, (rule, result["top_fix"][rule], expert)

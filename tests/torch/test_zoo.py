@@ -20,11 +20,18 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.detect import DETECT_WITHIN, run_torch  # noqa: E402
 from benchmarks.scenarios import Scenario, torch_scenarios  # noqa: E402
+from benchmarks.scenarios.expected_fixes import expert_set  # noqa: E402
 
 FAST = [s for s in torch_scenarios() if s.fast]
 # Misses we know and report in docs/benchmarks.md: the lr spike's gradient burst lasts
 # steps 61-69, between the default schedule's samples at 60 and 70.
 KNOWN_MISSES = {("dead_relu_lr_spike", "exploding_gradient")}
+# First fixes we know are wrong and report in docs/rules.md: no statistic yet tells an
+# activation overflowing in the forward pass (exp) from a learning-rate explosion.
+KNOWN_WRONG_FIRST = {
+    ("nonfinite_exp_activation", "exploding_gradient"),
+    ("nonfinite_exp_activation", "nonfinite_gradient"),
+}
 
 
 def test_zoo_covers_every_rule_with_two_causes_and_healthy_traps() -> None:
@@ -49,3 +56,23 @@ def test_scenario_detection(scn: Scenario) -> None:
     assert found <= scn.expected_rules, f"extra findings: {found - scn.expected_rules}"
     for rule in expected:
         assert result["first_step"][rule] < DETECT_WITHIN, (rule, result["first_step"])
+    _assert_right_first_fix(scn, result, KNOWN_WRONG_FIRST)
+
+
+def _assert_right_first_fix(scn: Scenario, result: dict, known_wrong: set) -> None:
+    """Every found expected rule with an expert set ranks a fix of that set first."""
+    for rule in sorted(scn.expected_rules & set(result["found"])):
+        expert = expert_set(scn.framework, scn.name, rule)
+        if expert is None or (scn.name, rule) in known_wrong:
+            continue
+        assert result["top_fix"][rule] in expert, (rule, result["top_fix"][rule], expert)
+
+
+def test_every_faulty_fast_scenario_has_an_expert_set() -> None:
+    missing = [
+        (s.name, r)
+        for s in FAST
+        for r in s.expected_rules
+        if expert_set("torch", s.name, r) is None
+    ]
+    assert not missing
