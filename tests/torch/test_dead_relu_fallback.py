@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from gradwatch.adapters.torch.layer_info import TorchLayerInfo  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
-from torch_helpers import EVERY_STEP, mlp  # noqa: E402
+from torch_helpers import MnistNet, mlp, watch_every_step  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch.layer_info import LayerInfo  # noqa: E402
@@ -21,46 +21,10 @@ from gradwatch.rules import Rule, RuleContext, Symptom  # noqa: E402
 
 
 def _watch(model: nn.Module, opt: torch.optim.Optimizer, **kw: object) -> gradwatch.TorchWatch:
-    kwargs: dict[str, object] = {
-        "on_finding": "ignore",
-        "grad_schedule": EVERY_STEP,
-        "activation_schedule": EVERY_STEP,
-        "show": False,
-        "strict": True,
-    }
-    kwargs.update(kw)
-    return gradwatch.watch(model, opt, **kwargs)  # type: ignore[arg-type]
+    return watch_every_step(model, opt, strict=True, **kw)
 
 
 # --- the MNIST Net of pytorch/examples -------------------------------------------------
-
-
-class MnistNet(nn.Module):
-    """pytorch/examples mnist/main.py's ``Net`` with its forward unchanged; ``side`` is
-    the input's side (28 in the example), smaller to keep the test fast."""
-
-    def __init__(self, side: int = 28) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, 1)
-        self.conv2 = nn.Conv2d(32, 64, 3, 1)
-        self.dropout1 = nn.Dropout(0.25)
-        self.dropout2 = nn.Dropout(0.5)
-        self.fc1 = nn.Linear(64 * ((side - 4) // 2) ** 2, 128)  # 9216 at side 28
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        x = F.relu(x)
-        x = self.conv2(x)
-        x = F.relu(x)
-        x = F.max_pool2d(x, 2)
-        x = self.dropout1(x)
-        x = torch.flatten(x, 1)
-        x = self.fc1(x)
-        x = F.relu(x)
-        x = self.dropout2(x)
-        x = self.fc2(x)
-        return F.log_softmax(x, dim=1)
 
 
 def _dead_unit_fractions(model: MnistNet, x: torch.Tensor) -> dict[str, float]:
@@ -107,6 +71,8 @@ def test_mnist_net_with_biases_at_minus_5_names_conv1_conv2_fc1_not_fc2() -> Non
     assert finding.layers == ("conv1", "conv2", "fc1")
     assert "fc2" not in finding.layers and "fc2" not in finding.message
     assert "mnistnet#relu:0" in finding.message  # the sites stay named in the message
+    assert report.coverage is not None and report.coverage.activation_sites == {"relu": 3}
+    assert not any("No activation" in note for note in report.notes)
 
 
 # --- recurrent language models after a learning-rate blow-up -----------------------

@@ -13,33 +13,10 @@ from gradwatch.adapters.torch import every  # noqa: E402
 from gradwatch.adapters.torch.functional import spec_of  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
-from torch_helpers import EVERY_STEP, record_stats, train  # noqa: E402
+from torch_helpers import record_stats, train, watch_every_step  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch.activations import input_tail_bound, tail_bounds  # noqa: E402
-
-
-class MnistNet(nn.Module):
-    """pytorch/examples mnist/main.py's ``Net``, unchanged."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, 1)
-        self.conv2 = nn.Conv2d(32, 64, 3, 1)
-        self.dropout1 = nn.Dropout(0.25)
-        self.dropout2 = nn.Dropout(0.5)
-        self.fc1 = nn.Linear(9216, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        x = F.max_pool2d(x, 2)
-        x = self.dropout1(x)
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = self.dropout2(x)
-        return F.log_softmax(self.fc2(x), dim=1)
 
 
 class SigmoidMLP(nn.Module):
@@ -60,39 +37,7 @@ class SigmoidMLP(nn.Module):
 
 
 def _watch(model: nn.Module, opt: torch.optim.Optimizer | None = None, **kw: object):
-    kwargs = {
-        "on_finding": "ignore",
-        "grad_schedule": EVERY_STEP,
-        "activation_schedule": EVERY_STEP,
-        "show": False,
-        "strict": True,
-    }
-    kwargs.update(kw)
-    return gradwatch.watch(model, opt, **kwargs)  # type: ignore[arg-type]
-
-
-def test_mnist_net_with_biases_at_minus_5_names_the_three_relu_fed_layers_not_fc2() -> None:
-    torch.manual_seed(0)
-    model = MnistNet()
-    with torch.no_grad():
-        for layer in (model.conv1, model.conv2, model.fc1, model.fc2):
-            layer.bias.fill_(-5.0)
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gw = _watch(model, opt)
-    for _ in range(30):
-        F.nll_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    report = gw.report(show=False)
-    gw.close()
-    finding = report.by_rule("dead_relu")
-    assert finding is not None, report.findings
-    # The layers that feed the dead functional ReLUs, as the issue asks; fc2 feeds none.
-    assert finding.layers == ("conv1", "conv2", "fc1")
-    assert report.coverage is not None and report.coverage.activation_sites == {"relu": 3}
-    assert not any("No activation" in note for note in report.notes)
+    return watch_every_step(model, opt, **{"strict": True, **kw})
 
 
 def _sigmoid_labels(model: SigmoidMLP, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:

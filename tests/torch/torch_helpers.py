@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from gradwatch.adapters.torch import TorchWatch, every
 from torch import nn
+from torch.nn import functional as F
 
 import gradwatch
 from gradwatch.stats import StepStats
@@ -105,3 +106,31 @@ def record_stats(gw: TorchWatch) -> list[StepStats]:
 
 def rules_of(report: gradwatch.Report) -> set[str]:
     return {f.rule for f in report.findings}
+
+
+class MnistNet(nn.Module):
+    """pytorch/examples mnist/main.py's ``Net`` with its forward unchanged; ``side`` is
+    the input's side (28 in the example), smaller to keep the test fast."""
+
+    def __init__(self, side: int = 28) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(64 * ((side - 4) // 2) ** 2, 128)  # 9216 at side 28
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        x = F.relu(x)
+        x = self.conv2(x)
+        x = F.relu(x)
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = self.fc1(x)
+        x = F.relu(x)
+        x = self.dropout2(x)
+        x = self.fc2(x)
+        return F.log_softmax(x, dim=1)
