@@ -109,38 +109,30 @@ class StepStats:
     skipped_step: bool = False
 
     def __post_init__(self) -> None:
+        self._check_family("grad_layers", _GRAD_FIELDS)
         n_grad = len(self.grad_layers)
-        for name in _GRAD_FIELDS:
-            if len(getattr(self, name)) != n_grad:
-                raise ValueError(
-                    f"StepStats.{name} has {len(getattr(self, name))} entries, "
-                    f"grad_layers has {n_grad}"
-                )
         if self.param_norm and len(self.param_norm) != n_grad:
             raise ValueError(
                 f"StepStats.param_norm has {len(self.param_norm)} entries, "
                 f"grad_layers has {n_grad} (or leave it empty)"
             )
-        n_act = len(self.act_layers)
-        for name in _ACT_FIELDS:
-            if len(getattr(self, name)) != n_act:
-                raise ValueError(
-                    f"StepStats.{name} has {len(getattr(self, name))} entries, "
-                    f"act_layers has {n_act}"
-                )
-        n_time = len(self.time_layers)
-        for name in _TIME_FIELDS:
-            if len(getattr(self, name)) != n_time:
-                raise ValueError(
-                    f"StepStats.{name} has {len(getattr(self, name))} entries, "
-                    f"time_layers has {n_time}"
-                )
+        self._check_family("act_layers", _ACT_FIELDS)
+        self._check_family("time_layers", _TIME_FIELDS)
         known = {k.value for k in ActivationKind}
         for kind in self.act_kinds:
             if kind not in known:
                 raise ValueError(
                     f"StepStats.act_kinds has unknown kind {kind!r}; "
                     f"expected one of {sorted(known)}"
+                )
+
+    def _check_family(self, layers: str, names: tuple[str, ...]) -> None:
+        """Every field in ``names`` has one entry per name in the ``layers`` field."""
+        n = len(getattr(self, layers))
+        for name in names:
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"StepStats.{name} has {len(getattr(self, name))} entries, {layers} has {n}"
                 )
 
     @classmethod

@@ -4,6 +4,7 @@ gradwatch."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -22,6 +23,26 @@ from gradwatch.rules import Rule, RuleContext, Symptom  # noqa: E402
 
 def _watch(model: nn.Module, opt: torch.optim.Optimizer, **kw: object) -> gradwatch.TorchWatch:
     return watch_every_step(model, opt, strict=True, **kw)
+
+
+def _fit(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    **kw: object,
+) -> gradwatch.Report:
+    """Train ``steps`` SGD steps (lr 0.01) on one batch under an every-step watch; the report."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gw = _watch(model, opt, **kw)
+    for _ in range(steps):
+        loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    report = gw.report(show=False)
+    gw.close()
+    return report
 
 
 # --- the MNIST Net of pytorch/examples -------------------------------------------------
@@ -58,14 +79,7 @@ def test_mnist_net_with_biases_at_minus_5_names_conv1_conv2_fc1_not_fc2() -> Non
     dead = _dead_unit_fractions(model, x)
     # The label: every unit behind the three ReLUs is dead; fc2 feeds log_softmax only.
     assert dead["conv1"] == dead["conv2"] == dead["fc1"] == 1.0
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gw = _watch(model, opt)
-    for _ in range(30):
-        F.nll_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    report = gw.report(show=False)
-    gw.close()
+    report = _fit(model, F.nll_loss, x, y, 30)
     finding = report.by_rule("dead_relu")
     assert finding is not None, report.findings
     assert finding.layers == ("conv1", "conv2", "fc1")
@@ -148,15 +162,7 @@ def _run_mlp(**kw: object) -> gradwatch.Report:
         h3 = F.relu(model[4](h2))
     dead = [float((h <= 0).all(dim=0).float().mean()) for h in (h1, h2, h3)]
     assert dead[1] >= 0.85 and dead[0] < 0.5 and dead[2] < 0.5, dead
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gw = _watch(model, opt, **kw)
-    for _ in range(40):
-        F.mse_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    report = gw.report(show=False)
-    gw.close()
-    return report
+    return _fit(model, F.mse_loss, x, y, 40, **kw)
 
 
 def test_sequential_relu_mlp_without_activation_capture_falls_back_on_its_relu_layers() -> None:
@@ -212,14 +218,7 @@ def test_parameter_list_stack_gets_a_layer_group_per_weight() -> None:
     model = _StackNet()
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 32, generator=gen), torch.randn(32, 1, generator=gen)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gw = _watch(model, opt)
-    for _ in range(12):
-        F.mse_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    report = gw.report(show=False)
-    gw.close()
+    report = _fit(model, F.mse_loss, x, y, 12)
     names = [layer.name for layer in report.layers]
     assert [f"stack.ws.{i}" for i in range(8)] == [n for n in names if n.startswith("stack.ws")]
     assert "stack.ws" not in names and "head" in names

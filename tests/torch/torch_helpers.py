@@ -72,14 +72,7 @@ def train(
     if y is None:
         y = torch.randn(x.shape[0], 1, generator=gen)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    kwargs: dict[str, object] = {
-        "on_finding": "ignore",
-        "grad_schedule": EVERY_STEP,
-        "activation_schedule": EVERY_STEP,
-        "show": False,
-    }
-    kwargs.update(watch_kwargs)
-    gw = gradwatch.watch(model, opt, **kwargs)  # type: ignore[arg-type]
+    gw = watch_every_step(model, opt, **watch_kwargs)
     for _ in range(steps):
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
