@@ -26,6 +26,11 @@ Two regions matter to gradwatch:
   The narrow band around the zero of ``f'`` (``z ~ -0.75`` for GELU) is left out:
   no unit can sit inside it for a whole batch without also crossing it.
 
+Every observed output also counts its NaN/Inf entries (:func:`nonfinite_entries`). ``exp``
+(:attr:`ActivationKind.EXP`) has neither region: it is observed for that count, since an
+exp overflows to Inf from ``z > 88.7`` in float32 (``CAN_OVERFLOW``), and neither
+``dead_relu`` nor ``saturation`` judges it.
+
 Example:
     >>> from gradwatch.activations import tail_bounds
     >>> lo, hi = tail_bounds("tanh")
@@ -63,6 +68,7 @@ class ActivationKind(str, Enum):
     TANH = "tanh"
     HARD_TANH = "hard_tanh"
     SOFTMAX = "softmax"
+    EXP = "exp"
     OTHER = "other"
 
 
@@ -89,6 +95,11 @@ JUDGED_ON_INPUT = frozenset(
         ActivationKind.SOFTPLUS.value,
     }
 )
+# Kinds whose output can be NaN/Inf for a finite input: exp overflows float32 from
+# z > 88.7 (ln of its largest value, 3.4e38), and an unknown function may do anything.
+# Every other kind is bounded or grows at most linearly (softplus, ELU, GELU and SiLU
+# are ~z for large z), so a non-finite output of theirs had a non-finite input.
+CAN_OVERFLOW = frozenset({ActivationKind.EXP.value, ActivationKind.OTHER.value})
 # What the rules judge: units that can die (dead_relu) and outputs that can sit in a
 # flat tail (saturation), whether measured on the output or on the input.
 DYING_KINDS = CAN_DIE | JUDGED_ON_INPUT
@@ -131,6 +142,8 @@ _ALIASES: dict[str, str] = {
     "softmax": "softmax",
     "log_softmax": "softmax",
     "logsoftmax": "softmax",
+    "exp": "exp",
+    "exponential": "exp",
     # Library activation modules (Hugging Face ACT2FN, timm): class name -> kind.
     "newgeluactivation": "gelu",
     "geluactivation": "gelu",
@@ -312,3 +325,14 @@ def activation_stats_from_array(
     lo, hi = tail_bounds(kind, derivative_fraction)
     tail_frac = float(((y <= lo) | (y >= hi)).mean()) if kind in CAN_SATURATE else 0.0
     return inactive_frac, dead_frac, tail_frac
+
+
+def nonfinite_entries(values: Any) -> int:
+    """The number of NaN/Inf entries of one activation output (the input, for the kinds
+    judged on it), on the host: the reference of the adapters' device counts.
+
+    >>> nonfinite_entries([[1.0, float("inf")], [float("nan"), 2.0]])
+    2
+    """
+    y = np.asarray(values, dtype=np.float64)
+    return int(y.size - np.count_nonzero(np.isfinite(y)))

@@ -258,6 +258,7 @@ class Analyzer:
                     layer_info=layer_info,
                     time=time,
                     initial_scales=stats.initial_scales,
+                    nonfinite_onset=stats.nonfinite_onset,
                 )
             opened = episode.track(rule, step, rule.check(ctx))
             if opened is not None:

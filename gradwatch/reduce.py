@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.activations import activation_stats_from_array, kind_from_name
+from gradwatch.activations import activation_stats_from_array, kind_from_name, nonfinite_entries
 from gradwatch.stats import StepStats
 
 
@@ -140,6 +140,7 @@ def step_stats_from_arrays(
     act_kinds: list[str] = []
     act_values: list[tuple[float, float, float]] = []
     act_output: list[bool] = []
+    act_nonfinite: list[int] = []
     for name, spec in (activations or {}).items():
         if not isinstance(spec, tuple) or len(spec) < 2:
             raise ValueError(
@@ -151,7 +152,9 @@ def step_stats_from_arrays(
         kind = kind_from_name(kind_name)
         act_names.append(str(name))
         act_kinds.append(kind)
-        act_values.append(activation_stats_from_array(to_numpy(array), kind, unit_axis))
+        values = to_numpy(array)
+        act_values.append(activation_stats_from_array(values, kind, unit_axis))
+        act_nonfinite.append(nonfinite_entries(values))
         act_output.append(bool(spec[3]) if len(spec) > 3 else False)
     return StepStats(
         step=int(step),
@@ -169,4 +172,5 @@ def step_stats_from_arrays(
         act_dead_frac=tuple(v[1] for v in act_values),
         act_tail_frac=tuple(v[2] for v in act_values),
         act_is_output=tuple(act_output),
+        act_nonfinite=tuple(act_nonfinite),
     )

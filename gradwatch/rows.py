@@ -29,9 +29,12 @@ GRAD_ROW_FIELDS = ("norm", "max_abs", "sum_abs", "nonzero", "nonfinite", "numel"
 GRAD_ROWS = len(GRAD_ROW_FIELDS)
 NORM, MAX_ABS, SUM_ABS, NONZERO, NONFINITE, NUMEL, PARAM_NORM = range(GRAD_ROWS)
 # One row per activation output: fractions in the inactive region, of dead units, in
-# the flat tails. A row of NaN is an activation not seen at that step.
-ACT_ROW_FIELDS = ("inactive", "dead", "tail")
+# the flat tails (a NaN entry is in neither; NaN fractions when no entry is finite may
+# come from an adapter), and the count of NaN/Inf entries. A row whose count is NaN is
+# an activation not seen at that step.
+ACT_ROW_FIELDS = ("inactive", "dead", "tail", "nonfinite")
 ACT_ROWS = len(ACT_ROW_FIELDS)
+ACT_NONFINITE = ACT_ROW_FIELDS.index("nonfinite")
 # One row per recurrent layer: RMS of dL/d(input) at its first and at its last time step.
 TIME_ROW_FIELDS = ("grad_first", "grad_last")
 TIME_ROWS = len(TIME_ROW_FIELDS)
@@ -60,7 +63,8 @@ def step_stats_from_rows(
         grad_rows: ``(GRAD_ROWS, len(grad_layers))`` array, or ``None`` for a step
             with no per-layer gradient statistics.
         act_layers, act_kinds, act_is_output: one entry per row of ``act_rows``.
-        act_rows: ``(len(act_layers), ACT_ROWS)`` array; rows holding NaN are left out.
+        act_rows: ``(len(act_layers), ACT_ROWS)`` array; rows whose ``nonfinite`` count
+            is NaN (not seen) are left out.
         time_layers, time_length: one entry per row of ``time_rows``: the recurrent
             layer's name and its number of time steps.
         time_rows: ``(len(time_layers), TIME_ROWS)`` array (see :data:`TIME_ROW_FIELDS`).
@@ -93,7 +97,7 @@ def step_stats_from_rows(
         fields["grad_total_norm"] = float(grad_total_norm)
     if act_rows is not None and len(act_layers):
         a = np.asarray(act_rows, dtype=np.float64).reshape(len(act_layers), ACT_ROWS)
-        seen = np.flatnonzero(~np.isnan(a).any(axis=1)).tolist()
+        seen = np.flatnonzero(~np.isnan(a[:, ACT_NONFINITE])).tolist()
         if seen:
             fields.update(
                 act_layers=tuple(act_layers[i] for i in seen),
@@ -102,6 +106,7 @@ def step_stats_from_rows(
                 act_dead_frac=tuple(a[seen, 1].tolist()),
                 act_tail_frac=tuple(a[seen, 2].tolist()),
                 act_is_output=tuple(bool(act_is_output[i]) for i in seen),
+                act_nonfinite=tuple(round(v) for v in a[seen, ACT_NONFINITE].tolist()),
             )
     if time_rows is not None and len(time_layers):
         t = np.asarray(time_rows, dtype=np.float64).reshape(len(time_layers), TIME_ROWS)
@@ -115,6 +120,7 @@ def step_stats_from_rows(
 
 
 __all__ = [
+    "ACT_NONFINITE",
     "ACT_ROWS",
     "ACT_ROW_FIELDS",
     "GRAD_ROWS",

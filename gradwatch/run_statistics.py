@@ -23,6 +23,7 @@ import numpy as np
 
 from gradwatch.history import FlowHistory, LayerTotals
 from gradwatch.initial_scale import InitialScale, initial_scales
+from gradwatch.nonfinite_onset import NonfiniteOnset, onset_of
 from gradwatch.report import FlowHistory as FlowSnapshot
 from gradwatch.report import LayerSummary
 from gradwatch.rules.base import TIME_METRICS
@@ -76,6 +77,8 @@ class RunStatistics:
         self._initial_relative_min: float | None = None
         # Each group's weight and bias scale at the first step with weight norms.
         self.initial_scales: dict[str, InitialScale] = {}
+        # The run's first step with NaN/Inf gradients and its forward pass, kept for good.
+        self.nonfinite_onset: NonfiniteOnset | None = None
         self.n_steps = 0
         self.first_step = -1
         self.last_step = -1
@@ -108,6 +111,8 @@ class RunStatistics:
             nonfinite = not math.isfinite(total_norm)
             total_norm = total_norm if not nonfinite else math.nan
         self.last_step_nonfinite = nonfinite
+        if nonfinite and self.nonfinite_onset is None and not s.skipped_step:
+            self.nonfinite_onset = onset_of(s)
         # One (metrics, 1) block in RUN_METRICS order: one assignment into the ring.
         run_row = np.array([[total_norm], [float(s.skipped_step)], [float(nonfinite)]])
         self.run.push_block(step, ("run",), run_row)

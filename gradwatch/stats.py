@@ -32,6 +32,8 @@ _GRAD_FIELDS = (
     "grad_numel",
 )
 _ACT_FIELDS = ("act_kinds", "act_inactive_frac", "act_dead_frac", "act_tail_frac", "act_is_output")
+# Fields of the act family an adapter may leave empty (older adapters, hand-built stats).
+_ACT_OPTIONAL = ("act_nonfinite",)
 _TIME_FIELDS = ("time_grad_first", "time_grad_last", "time_length")
 
 
@@ -63,6 +65,10 @@ class StepStats:
         act_tail_frac: fraction of outputs in the flat tails (see
             :func:`gradwatch.activations.tail_bounds`).
         act_is_output: whether this activation produces the model's output.
+        act_nonfinite: optional, the number of NaN/Inf entries of the output (of the
+            input, for the kinds judged on it), or empty when the adapter does not count
+            them. A NaN entry is neither inactive nor in a tail in the fractions above,
+            which an adapter may give as NaN when no entry is finite.
 
     Through-time fields, one entry per recurrent layer in ``time_layers`` (an RNN, LSTM
     or GRU layer, named like its parameters' group), from sampled steps:
@@ -101,6 +107,7 @@ class StepStats:
     act_dead_frac: tuple[float, ...] = ()
     act_tail_frac: tuple[float, ...] = ()
     act_is_output: tuple[bool, ...] = ()
+    act_nonfinite: tuple[int, ...] = ()
     time_layers: tuple[str, ...] = ()
     time_grad_first: tuple[float, ...] = ()
     time_grad_last: tuple[float, ...] = ()
@@ -116,7 +123,7 @@ class StepStats:
                 f"StepStats.param_norm has {len(self.param_norm)} entries, "
                 f"grad_layers has {n_grad} (or leave it empty)"
             )
-        self._check_family("act_layers", _ACT_FIELDS)
+        self._check_family("act_layers", _ACT_FIELDS, _ACT_OPTIONAL)
         self._check_family("time_layers", _TIME_FIELDS)
         known = {k.value for k in ActivationKind}
         for kind in self.act_kinds:
@@ -126,14 +133,17 @@ class StepStats:
                     f"expected one of {sorted(known)}"
                 )
 
-    def _check_family(self, layers: str, names: tuple[str, ...]) -> None:
-        """Every field in ``names`` has one entry per name in the ``layers`` field."""
+    def _check_family(
+        self, layers: str, names: tuple[str, ...], optional: tuple[str, ...] = ()
+    ) -> None:
+        """Every field in ``names`` has one entry per name in the ``layers`` field, and
+        every field in ``optional`` as many or none."""
         n = len(getattr(self, layers))
-        for name in names:
-            if len(getattr(self, name)) != n:
-                raise ValueError(
-                    f"StepStats.{name} has {len(getattr(self, name))} entries, {layers} has {n}"
-                )
+        for name in names + optional:
+            size = len(getattr(self, name))
+            if size != n and not (name in optional and size == 0):
+                empty = " (or leave it empty)" if name in optional else ""
+                raise ValueError(f"StepStats.{name} has {size} entries, {layers} has {n}{empty}")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

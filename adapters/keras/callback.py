@@ -22,6 +22,7 @@ from gradwatch.adapters.keras.lifecycle import FitScope, note_unseen_steps, watc
 from gradwatch.adapters.keras.ops_capture import tell_coverage
 from gradwatch.adapters.keras.probe import Probe, norm_ring_size, ring_size, to_host
 from gradwatch.adapters.keras.reader import RingReader
+from gradwatch.adapters.keras.recurrence import RecurrentLayers
 
 from gradwatch.activations import DEFAULT_TAIL_DERIVATIVE_FRACTION
 from gradwatch.analyzer import Analyzer, resolve_rules
@@ -300,7 +301,8 @@ class GradWatchCallback(keras.callbacks.Callback):
         self._flush_calls = max(1, math.ceil(self.flush_every / spe))
         ring = ring_size(self._flush_calls * spe, spe, self.dense_until, self.sample_every)
         norms = norm_ring_size(self._flush_calls * spe, spe, self.sample_every, self.norm_every)
-        self._probe = Probe(len(variables), len(acts), ring, norms, self.norm_every)
+        rnns = RecurrentLayers(model)
+        self._probe = Probe(len(variables), len(acts), ring, norms, self.norm_every, len(rnns))
         self._capture = capture_type(
             self._probe,
             monitor.guard,
@@ -310,9 +312,10 @@ class GradWatchCallback(keras.callbacks.Callback):
             tail_derivative_fraction=self.tail_derivative_fraction,
             note=monitor.note,
             live=scope.live,
+            rnns=rnns,
         )
         self._reader = RingReader(
-            self._probe, self._capture, acts, self._schedule, self.flush_every
+            self._probe, self._capture, acts, self._schedule, self.flush_every, rnns.names
         )
         self._capture.install(model, optimizers)
         scope.guard_entry_points()

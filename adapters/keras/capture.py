@@ -25,6 +25,12 @@ import keras
 from gradwatch.adapters.keras.layers import ActivationLayers, var_name
 from gradwatch.adapters.keras.ops_capture import OpsCapture, activation_table
 from gradwatch.adapters.keras.probe import Probe, grad_table, loss_scale, write_norm
+from gradwatch.adapters.keras.recurrence import (
+    RecurrentLayers,
+    backend_tap,
+    measurable,
+    time_table,
+)
 from gradwatch.adapters.keras.reductions import (
     _combined_norm,
     _grad_norms,
@@ -53,6 +59,8 @@ class Capture:
         note: adds a coverage note to the report.
         live: whether the ``fit`` that installed the patches is still running; a
             wrapper reached outside it (that ``fit`` raised) records nothing.
+        rnns: the recurrent layers whose input gradient is measured through time.
+            Defaults to none.
     """
 
     def __init__(
@@ -66,6 +74,7 @@ class Capture:
         tail_derivative_fraction: float,
         note: Callable[[str], None],
         live: Callable[[], bool] = lambda: True,
+        rnns: RecurrentLayers | None = None,
     ) -> None:
         self.probe = probe
         self.guard = guard
@@ -80,6 +89,13 @@ class Capture:
         self._patches: list[tuple[Any, str]] = []
         self._act_last_out: dict[int, Any] = {}
         self._in_train_step = False
+        # Through time: this step's input gradient per recurrent layer (index -> tensor),
+        # and the layers tapped in it (a shared layer is tapped at its first call).
+        self.rnns = rnns
+        self._tap = backend_tap(keras.backend.backend()) if rnns else None
+        self._time_grads: dict[int, Any] = {}
+        self._tapped: set[int] = set()
+        self._noted_masked: set[int] = set()
         # keras.ops activations inside custom calls: only when the model may have some.
         self.ops: OpsCapture | None = None
         if acts.site_capacity:
@@ -94,6 +110,8 @@ class Capture:
         self.patch(model, "call", self._wrap_model_call(model.call))
         for i, layer in enumerate(self.acts.layers):
             self.patch(layer, "call", self._wrap_layer_call(layer.call, i))
+        for i, layer in enumerate(self.rnns.layers if self.rnns else ()):
+            self.patch(layer, "call", self._wrap_rnn_call(layer.call, i))
         # The train function was built (and maybe traced) before on_train_begin: rebuild
         # it so the next trace goes through the wrappers.
         model.make_train_function(force=True)
@@ -127,11 +145,15 @@ class Capture:
         """Marks the traced train step, so layer calls outside it (validation) are ignored;
         so is a train step of a later ``fit`` that runs after this one died."""
         self._in_train_step = self.live()
+        self._time_grads.clear()
+        self._tapped.clear()
         try:
             yield
         finally:
             self._in_train_step = False
             self._act_last_out.clear()
+            self._time_grads.clear()
+            self._tapped.clear()
 
     def _ops_scope(self, sampled: Any) -> contextlib.AbstractContextManager[None]:
         """Intercept ``keras.ops`` activations while the step runs or is traced, unless it
@@ -165,6 +187,47 @@ class Capture:
             return y
 
         return layer_call_with_gradwatch
+
+    def _wrap_rnn_call(self, call: Callable[..., Any], index: int) -> Callable[..., Any]:
+        def rnn_call_with_gradwatch(sequences: Any, *args: Any, **kwargs: Any) -> Any:
+            if self._in_train_step and self.guard.enabled and self._tap_due():
+                with self.guard:
+                    sequences = self._tap_input(index, sequences, args, kwargs)
+            return call(sequences, *args, **kwargs)
+
+        return rnn_call_with_gradwatch
+
+    def _tap_due(self) -> bool:
+        """Whether this train step's recurrent inputs are tapped (TensorFlow, JAX: every
+        traced step, the reduction being in the sampled branch)."""
+        return True
+
+    def _tap_input(self, index: int, sequences: Any, args: Any, kwargs: Any) -> Any:
+        """``sequences`` through the backend's tap, or unchanged when not measured."""
+        rnns, tap = self.rnns, self._tap
+        if rnns is None or tap is None or index in self._tapped or not measurable(sequences):
+            return sequences
+        mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
+        if mask is not None:
+            if index not in self._noted_masked:
+                self._noted_masked.add(index)
+                self.note(
+                    f"The gradient through time of {rnns.names[index]} is not measured: its "
+                    "input is masked, so its sequences have no common first and last step."
+                )
+            return sequences
+        self._tapped.add(index)
+        grads = self._time_grads
+
+        def report(grad: Any) -> None:
+            grads.setdefault(index, grad)
+
+        return tap(sequences, rnns.anchors[index].value, report)
+
+    def _time_table(self, grads: dict[int, Any]) -> Any:
+        """``(n_rnns, TIME_ROWS + 1)`` through-time rows of this step (NaN: not seen)."""
+        assert self.rnns is not None
+        return time_table(grads, self.rnns.reversed)
 
     def _activation_table(self, outputs: dict[int, Any]) -> Any:
         """``(n_acts, 3)`` activation fractions of this step; NaN rows for layers that
@@ -268,6 +331,10 @@ class TensorCapture(Capture):
 
         return apply_with_gradwatch
 
+    def _tap_due(self) -> bool:
+        state = self._step_state
+        return state is not None and state.sampled is not False
+
     def _begin_step(self) -> _StepState:
         probe = self.probe
         step = probe.counter.value
@@ -337,6 +404,7 @@ class TensorCapture(Capture):
         self.grad_names = tuple(state.names)
         outputs = dict(self._act_last_out)
         acts = probe.acts
+        times, time_grads = probe.time, dict(self._time_grads)
 
         def write() -> None:
             skipped = ops.max(ops.stack(state.skips)) if state.skips else ops.zeros((), "int32")
@@ -345,6 +413,9 @@ class TensorCapture(Capture):
             if acts is not None:
                 table = self._activation_table(outputs)
                 acts.assign(_one_hot_where(state.slot, probe.ring, table, acts.value))
+            if times is not None:
+                rows = self._time_table(time_grads)
+                times.assign(_one_hot_where(state.slot, probe.ring, rows, times.value))
             probe.samples.assign(state.samples + 1)
 
         self._when(state.sampled, write, lambda: None)

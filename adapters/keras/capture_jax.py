@@ -266,25 +266,36 @@ class JaxCapture(Capture):
         def train_step_with_gradwatch(state: Any, data: Any) -> Any:
             with self._train_step(), self._ops_scope(True):
                 logs, new_state = train_step(state, data)
-            if not acts:
-                return logs, new_state
+                # The recurrent inputs' gradients, from the taps' backward passes.
+                time_grads = dict(self._time_grads)
             trainable, non_trainable, optimizer_state, metrics = new_state
-            if len(non_trainable) != len(model.non_trainable_variables) + 1:
-                return logs, new_state
-            # The activation table compute_loss_and_updates appended: not model state.
-            table = non_trainable[-1]
-            non_trainable = list(non_trainable[:-1])
-            if self.guard.enabled:
-                with self.guard:
-                    before = dict(zip(names, state[2][len(state[2]) - len(names) :], strict=True))
-                    index = len(optimizer_state) - len(names) + names.index("acts")
-                    optimizer_state = list(optimizer_state)
+            table = None
+            if acts and len(non_trainable) == len(model.non_trainable_variables) + 1:
+                # The activation table compute_loss_and_updates appended: not model state.
+                table = non_trainable[-1]
+                non_trainable = list(non_trainable[:-1])
+            if (table is None and not time_grads) or not self.guard.enabled:
+                return logs, (trainable, non_trainable, optimizer_state, metrics)
+            with self.guard:
+                before = dict(zip(names, state[2][len(state[2]) - len(names) :], strict=True))
+                optimizer_state = list(optimizer_state)
+                slot = ops.mod(before["samples"], probe.ring)
+                base = len(optimizer_state) - len(names)
+                if table is not None:
+                    index = base + names.index("acts")
                     old = optimizer_state[index]
-                    slot = ops.mod(before["samples"], probe.ring)
                     written = _one_hot_where(slot, probe.ring, table, old)
                     if self.sample_every > 1:
                         written = ops.where(self._is_sampled(before["counter"]), written, old)
                     optimizer_state[index] = written
+                if time_grads and "time" in names:
+                    index = base + names.index("time")
+                    old = optimizer_state[index]
+                    optimizer_state[index] = self._if_sampled(
+                        before["counter"],
+                        lambda: _one_hot_where(slot, probe.ring, self._time_table(time_grads), old),
+                        lambda: old,
+                    )
             return logs, (trainable, non_trainable, optimizer_state, metrics)
 
         return train_step_with_gradwatch

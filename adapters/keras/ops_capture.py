@@ -46,6 +46,7 @@ from keras import ops
 from gradwatch.activations import input_tail_bound
 from gradwatch.guard import Guard
 from gradwatch.monitor import Monitor
+from gradwatch.rows import ACT_NONFINITE
 
 
 @dataclass(frozen=True)
@@ -189,8 +190,9 @@ class OpsCapture:
 
 
 def activation_table(outputs: dict[int, Any], acts: ActivationLayers, fraction: float) -> Any:
-    """``(len(acts), ACT_ROWS)`` activation fractions of one step, layers and sites, from
-    the tensors by row; NaN rows for what did not run. Sites judged on their input hold
+    """``(len(acts), ACT_ROWS)`` activation rows of one step (three fractions and the
+    NaN/Inf count), layers and sites, from the tensors by row; NaN rows for what did
+    not run. Sites judged on their input hold
     it, reduced here (in the sampled branch) as the margin ``max(z - bound, 0)``: its
     zeros are the flat tail, so its dead units are units in the tail for the whole batch
     and its tail fraction is its inactive one, as in the torch adapter."""
@@ -212,7 +214,7 @@ def activation_table(outputs: dict[int, Any], acts: ActivationLayers, fraction: 
     margin = np.zeros((len(kinds),), bool)
     margin[list(acts.site_bounds)] = True
     tail = ops.where(ops.convert_to_tensor(margin), table[:, 0], table[:, 2])
-    return ops.stack([table[:, 0], table[:, 1], tail], axis=1)
+    return ops.stack([table[:, 0], table[:, 1], tail, table[:, ACT_NONFINITE]], axis=1)
 
 
 def tell_coverage(monitor: Monitor, model: keras.Model, acts: ActivationLayers) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from gradwatch.adapters.keras.reductions import _grad_row, _one_hot_where, _param_norms
 from keras import ops
 
-from gradwatch.rows import ACT_ROWS, GRAD_ROWS, NONFINITE
+from gradwatch.rows import ACT_ROWS, GRAD_ROWS, NONFINITE, TIME_ROWS
 
 
 class Probe:
@@ -34,10 +34,18 @@ class Probe:
         ring: slots of the sample rings.
         norm_ring: slots of the total-norm rings (``0``: none, see :func:`norm_ring_size`).
         norm_every: a step not sampled takes its total norm when it is a multiple of this.
+        n_time: through-time rows per slot (recurrent layers, see
+            :mod:`gradwatch.adapters.keras.recurrence`). Defaults to ``0``.
     """
 
     def __init__(
-        self, n_vars: int, n_acts: int, ring: int, norm_ring: int = 0, norm_every: int = 0
+        self,
+        n_vars: int,
+        n_acts: int,
+        ring: int,
+        norm_ring: int = 0,
+        norm_every: int = 0,
+        n_time: int = 0,
     ) -> None:
         self.ring = ring
         self.norm_ring = norm_ring
@@ -60,6 +68,14 @@ class Probe:
         if n_acts:
             self.acts = keras.Variable(
                 np.full((ring, n_acts, ACT_ROWS), np.nan, np.float32), name="gradwatch_acts", **kw
+            )
+        # Per slot and recurrent layer: TIME_ROW_FIELDS and the time steps (NaN = not seen).
+        self.time: keras.Variable | None = None
+        if n_time:
+            self.time = keras.Variable(
+                np.full((ring, n_time, TIME_ROWS + 1), np.nan, np.float32),
+                name="gradwatch_time",
+                **kw,
             )
         # Steps not sampled that took their total norm: slot `step // norm_every % norm_ring`
         # holds the step (-1 = never) and [total norm, skipped by the loss scaler].
@@ -98,7 +114,7 @@ class Probe:
 
     def state(self) -> list[tuple[str, keras.Variable]]:
         """The variables by attribute name, in the order the JAX path threads them."""
-        names = ("counter", "samples", "steps", "grads", "acts", "norm_steps", "norms")
+        names = ("counter", "samples", "steps", "grads", "acts", "time", "norm_steps", "norms")
         return [(n, getattr(self, n)) for n in names if getattr(self, n) is not None]
 
 

@@ -15,7 +15,7 @@ from gradwatch.adapters.keras.layers import ActivationLayers
 from gradwatch.adapters.keras.probe import Probe, to_host
 
 from gradwatch.monitor import Monitor
-from gradwatch.rows import step_stats_from_rows
+from gradwatch.rows import TIME_ROWS, step_stats_from_rows
 from gradwatch.stats import StepStats
 
 
@@ -29,6 +29,8 @@ class RingReader:
         acts: the watched activation layers, one ring row each.
         schedule: the host twin of the in-graph sampling condition.
         flush_every: named in the note when a slot was overwritten before it was read.
+        time_layers: the name of each through-time row (recurrent layers). Defaults to
+            none.
     """
 
     def __init__(
@@ -38,12 +40,14 @@ class RingReader:
         acts: ActivationLayers,
         schedule: Callable[[int], bool],
         flush_every: int,
+        time_layers: tuple[str, ...] = (),
     ) -> None:
         self.probe = probe
         self.capture = capture
         self.acts = acts
         self.schedule = schedule
         self.flush_every = flush_every
+        self.time_layers = time_layers
         self._last_read = -1
         self._last_norm_read = -1
 
@@ -102,6 +106,7 @@ class RingReader:
             return []
         grads = to_host(probe.grads).astype(np.float64)
         act_rows = to_host(probe.acts).astype(np.float64) if probe.acts is not None else None
+        time_rows = to_host(probe.time).astype(np.float64) if probe.time is not None else None
         first = int(steps[fresh[0], 0])
         expected = next(s for s in range(self._last_read + 1, first + 1) if self.schedule(s))
         if first != expected:
@@ -117,16 +122,24 @@ class RingReader:
                 bool(steps[slot, 1]),
                 grads[slot, :n],
                 None if act_rows is None else act_rows[slot],
+                None if time_rows is None else time_rows[slot],
             )
             for slot in fresh
         ]
 
     def _step_stats(
-        self, step: int, skipped: bool, g: np.ndarray, a: np.ndarray | None
+        self,
+        step: int,
+        skipped: bool,
+        g: np.ndarray,
+        a: np.ndarray | None,
+        t: np.ndarray | None = None,
     ) -> StepStats:
         """One ring slot's :class:`StepStats`: ``g`` holds a row per variable, ``a`` a
-        row per activation layer."""
+        row per activation layer, ``t`` a through-time row per recurrent layer (those
+        not measured at this step, NaN, are left out)."""
         acts = self.acts
+        seen = np.flatnonzero(np.isfinite(t[:, TIME_ROWS])) if t is not None else np.array([], int)
         return step_stats_from_rows(
             step,
             self.capture.grad_names,
@@ -135,6 +148,9 @@ class RingReader:
             act_kinds=acts.kinds,
             act_is_output=acts.is_output,
             act_rows=a,
+            time_layers=[self.time_layers[i] for i in seen],
+            time_length=[int(n) for n in t[seen, TIME_ROWS]] if t is not None else [],
+            time_rows=t[seen, :TIME_ROWS] if t is not None and seen.size else None,
             skipped=skipped,
         )
 

@@ -96,14 +96,18 @@ def _param_norms(variables: list[Any], sample: Any, sampled: Any = None) -> Any:
 
 
 def _activation_row(y: Any, kind: str, unit_axis: int, derivative_fraction: float) -> Any:
-    """``[inactive, dead, tail]`` fractions of one activation output, in-graph.
+    """``[inactive, dead, tail, nonfinite]`` of one activation output, in-graph: three
+    fractions and the count of NaN/Inf entries.
 
-    Over the finite entries only: a NaN or Inf output is never inactive nor in a tail,
-    whatever ``relu(NaN)`` returns on the machine (oneDNN and the vector width decide),
-    and a unit is dead when it has finite outputs and all of them are inactive. With
-    no finite entry at all the row is NaN: unknown, left out on the host. On finite
-    outputs this is :func:`gradwatch.activations.activation_stats_from_array`.
-    Shapes may be unknown when traced: counts are computed in-graph.
+    The fractions are over the finite entries only: a NaN or Inf output is never
+    inactive nor in a tail, whatever ``relu(NaN)`` returns on the machine (oneDNN and
+    the vector width decide), and a unit is dead when it has finite outputs and all of
+    them are inactive. With no finite entry at all the fractions are NaN (unknown) and
+    the count is the entry count. On finite outputs this is
+    :func:`gradwatch.activations.activation_stats_from_array`; the count is
+    :func:`gradwatch.activations.nonfinite_entries`, the entry count less the finite
+    ones the fractions already count (no extra pass). Shapes may be unknown when
+    traced: counts are computed in-graph.
     """
     y = ops.cast(ops.stop_gradient(y), "float32")
     finite = ops.isfinite(y)
@@ -124,10 +128,12 @@ def _activation_row(y: Any, kind: str, unit_axis: int, derivative_fraction: floa
         lo, hi = tail_bounds(kind, derivative_fraction)
         tails = ops.logical_or(ops.less_equal(y, lo), ops.greater_equal(y, hi))
         tail_frac = ops.sum(ops.cast(ops.logical_and(tails, finite), "float32")) / known
-    # 0/0 is NaN, but say it outright for every field: no finite entry, nothing known.
+    # 0/0 is NaN, but say it outright for every fraction: no finite entry, none known.
     unknown = ops.equal(known, 0.0)
-    row = ops.stack([inactive_frac, dead_frac, tail_frac])
-    return ops.where(unknown, ops.full((ACT_ROWS,), math.nan, "float32"), row)
+    fractions = ops.stack([inactive_frac, dead_frac, tail_frac])
+    fractions = ops.where(unknown, ops.full((ACT_ROWS - 1,), math.nan, "float32"), fractions)
+    nonfinite = ops.cast(ops.size(y), "float32") - known
+    return ops.concatenate([fractions, ops.reshape(nonfinite, (1,))])
 
 
 def _per_unit_counts(masks: Sequence[Any], unit_axis: int) -> list[Any]:
@@ -147,8 +153,8 @@ def _activation_table(
     unit_axes: Sequence[int],
     derivative_fraction: float,
 ) -> Any:
-    """``(len(kinds), ACT_ROWS)`` activation fractions of one step from the outputs by
-    layer index; NaN rows for layers that did not run in it."""
+    """``(len(kinds), ACT_ROWS)`` activation rows of one step (see :func:`_activation_row`)
+    from the outputs by layer index; NaN rows for layers that did not run in it."""
     missing = ops.full((ACT_ROWS,), math.nan, "float32")
     rows = []
     for i, (kind, axis) in enumerate(zip(kinds, unit_axes, strict=True)):

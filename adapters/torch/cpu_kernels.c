@@ -246,3 +246,16 @@ double gw_count_in_tails_f32(const float *y, int64_t n, float centre, float half
     }
     return (double)total;
 }
+
+/* NaN/Inf entries of y: |y|'s bit pattern at or above Inf's, compared as signed int32
+ * as in stats_one (x86 has no unsigned vector compare). int32 counts per BLOCK. */
+double gw_count_nonfinite_f32(const float *y, int64_t n) {
+    int64_t total = 0, i = 0;
+    while (i < n) {
+        int64_t end = (n - i > BLOCK) ? i + BLOCK : n;
+        int32_t c = 0;
+        for (; i < end; i++) c += (int32_t)(bits_of(y[i]) & ABS_BITS) >= (int32_t)INF_BITS;
+        total += c;
+    }
+    return (double)total;
+}

@@ -83,6 +83,9 @@ def _spec_table() -> dict[Any, FunctionalSpec]:
         (("tanh", "tanh", None), [torch.tanh, t.tanh, t.tanh_]),
         (("hardtanh", "hard_tanh", None), [fn.hardtanh, getattr(nn_c, "hardtanh_", None)]),
         (("hardsigmoid", "hard_sigmoid", None), [fn.hardsigmoid]),
+        # Not judged by dead_relu nor saturation: observed for its NaN/Inf count, since
+        # exp(z) overflows float32 from z > 88.7 in the forward pass.
+        (("exp", "exp", None), [torch.exp, t.exp, t.exp_, getattr(torch, "exp_", None)]),
     ]
     return {f: FunctionalSpec(*spec) for spec, funcs in groups for f in funcs if f is not None}
 

@@ -97,6 +97,9 @@ class CpuKernels:
         self._tails = library.gw_count_in_tails_f32
         self._tails.argtypes = [_c_void_p, _c_int64, _c_float, _c_float, ctypes.c_int]
         self._tails.restype = ctypes.c_double
+        self._nonfinite = library.gw_count_nonfinite_f32
+        self._nonfinite.argtypes = [_c_void_p, _c_int64]
+        self._nonfinite.restype = ctypes.c_double
 
     def grad_stats(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """``(5, n)`` float32: L2 norm, max |g|, sum |g|, non-zero and non-finite
@@ -143,6 +146,10 @@ class CpuKernels:
             centre, half = (lo + hi) / 2.0, (hi - lo) / 2.0
             count = self._tails(y.data_ptr(), y.numel(), centre, half, 0)
         return torch.tensor(count, dtype=torch.float32)
+
+    def count_nonfinite(self, y: torch.Tensor) -> torch.Tensor:
+        """The count of NaN/Inf entries of ``y``, as a 0-d tensor."""
+        return torch.tensor(self._nonfinite(y.data_ptr(), y.numel()), dtype=torch.float32)
 
 
 def _addresses(tensors: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:

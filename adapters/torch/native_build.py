@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -230,6 +231,7 @@ def _load_and_probe(path: Path) -> CpuKernels:
     kernels = CpuKernels(ctypes.CDLL(str(path)))
     x = torch.tensor([3.0, -4.0, 0.0, 0.5] * 5)  # one 16-lane pass and a remainder
     a, y = x.abs().double(), x.view(5, 4)
+    bad = torch.tensor([math.inf, -math.inf, math.nan, 1.0] * 5)
     zero = torch.zeros((), dtype=torch.float64)
     stats = torch.stack([a.square().sum().sqrt(), a.max(), a.sum(), (a != 0).sum(), zero])
     checks = [
@@ -238,6 +240,7 @@ def _load_and_probe(path: Path) -> CpuKernels:
         (kernels.active_per_unit(y, -1), (y > 0).sum(0)),
         (kernels.count_active(x), (x > 0).sum()),
         (kernels.count_in_tails(x, (-1.0, 1.0)), (x.abs() >= 1).sum()),
+        (kernels.count_nonfinite(bad), (~torch.isfinite(bad)).sum()),
     ]
     for got, want in checks:
         got, want = got.double(), want.double()

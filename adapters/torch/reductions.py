@@ -12,7 +12,7 @@ Example:
     >>> import torch
     >>> y = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
     >>> activation_stats_on_device(y, "relu", -1, (-float("inf"), float("inf"))).tolist()
-    [0.5, 0.5, 0.0]
+    [0.5, 0.5, 0.0, 0.0]
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def activation_reductions_on_device(
       ``max(z - input_tail_bound, 0)`` as ``output``: the same counts, and their tail
       is their inactive region;
     * other non-squashing kinds: the count of active outputs;
-    * kinds with flat tails: the count of outputs in the tails.
+    * kinds with flat tails: the count of outputs in the tails;
+    * every kind, last: the count of NaN/Inf entries (of the margin, for the kinds
+      judged on their input: NaN/Inf exactly where ``z`` is).
 
     Counts of large outputs are float reductions of ``sign`` (comparisons and
     ``count_nonzero`` cost 2-10x more on CPU); small ReLU outputs take one
@@ -101,6 +103,7 @@ def _reductions(
         parts.append(kernels.count_active(y) if kernels else _count_positive(y))
     if kind in CAN_SATURATE:
         parts.append(kernels.count_in_tails(y, bounds) if kernels else _count_in_tails(y, bounds))
+    parts.append(kernels.count_nonfinite(y) if kernels else _count_nonfinite(y))
     return parts
 
 
@@ -161,6 +164,22 @@ def _count_in_tails(y: torch.Tensor, bounds: tuple[float, float]) -> torch.Tenso
     return combine(counts, torch.sum)
 
 
+def _count_nonfinite(y: torch.Tensor) -> torch.Tensor:
+    """The count of NaN/Inf entries: ``y - y`` is 0 where finite and NaN elsewhere
+    (``inf - inf`` is NaN), mapped to 0/1 by ``nan_to_num`` and summed: float ops on
+    reused scratch, as the other counts; a small output takes one launch-bound
+    ``count_nonzero`` of ``isfinite``."""
+    if y.numel() <= SMALL_ACTIVATION_NUMEL:
+        return torch.count_nonzero(~torch.isfinite(y)).float()
+    counts = [
+        torch.sub(piece, piece, out=scratch_like(piece))
+        .nan_to_num_(nan=1.0)
+        .sum(dtype=torch.float32)
+        for piece in slices(y)
+    ]
+    return combine(counts, torch.sum)
+
+
 @functools.lru_cache(maxsize=64)
 def _next_below(value: float, dtype: torch.dtype) -> float:
     """The largest number of ``dtype`` below ``value``, as a Python float."""
@@ -170,11 +189,16 @@ def _next_below(value: float, dtype: torch.dtype) -> float:
     return float(torch.nextafter(exact, torch.tensor(-math.inf, dtype=dtype)))
 
 
-def activation_fractions(values: np.ndarray, kind: str, numel: int) -> tuple[float, float, float]:
-    """``(inactive_frac, dead_frac, tail_frac)`` from :func:`activation_reductions_on_device`
+def activation_fractions(
+    values: np.ndarray, kind: str, numel: int
+) -> tuple[float, float, float, float]:
+    """``(inactive_frac, dead_frac, tail_frac, nonfinite)`` (a row of
+    :data:`gradwatch.rows.ACT_ROW_FIELDS`) from :func:`activation_reductions_on_device`
     values, concatenated and copied to the host."""
     n = max(1, numel)
     inactive = dead = tail = 0.0
+    nonfinite = float(values[-1])
+    values = values[:-1]
     if kind in CAN_SATURATE:
         tail = float(values[-1]) / n
         values = values[:-1]
@@ -185,20 +209,21 @@ def activation_fractions(values: np.ndarray, kind: str, numel: int) -> tuple[flo
             tail = inactive
     elif kind not in SQUASHING:  # tanh is negative half the time: "inactive" means nothing
         inactive = 1.0 - float(values[0]) / n
-    return inactive, dead, tail
+    return inactive, dead, tail, nonfinite
 
 
 def activation_stats_on_device(
     output: torch.Tensor, kind: str, unit_axis: int, bounds: tuple[float, float]
 ) -> torch.Tensor:
-    """``(inactive_frac, dead_frac, tail_frac)`` of one activation output (reductions on
-    its device, then :func:`activation_fractions`). Same definitions as
-    :func:`gradwatch.activations.activation_stats_from_array`, its host reference.
+    """``(inactive_frac, dead_frac, tail_frac, nonfinite)`` of one activation output
+    (reductions on its device, then :func:`activation_fractions`). Same definitions as
+    :func:`gradwatch.activations.activation_stats_from_array` and
+    :func:`gradwatch.activations.nonfinite_entries`, its host references.
 
     Example:
         >>> y = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
         >>> activation_stats_on_device(y, "relu", -1, (-float("inf"), float("inf"))).tolist()
-        [0.5, 0.5, 0.0]
+        [0.5, 0.5, 0.0, 0.0]
     """
     parts = activation_reductions_on_device(output, kind, unit_axis, bounds)
     values = (

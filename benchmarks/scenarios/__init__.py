@@ -56,7 +56,7 @@ class Scenario:
 
 # The modules holding scenarios, per framework; each defines ``SCENARIOS``.
 TORCH_MODULES: tuple[str, ...] = ("torch_zoo", "torch_causes", "torch_recurrent")
-KERAS_MODULES: tuple[str, ...] = ("keras_zoo", "keras_late", "keras_causes")
+KERAS_MODULES: tuple[str, ...] = ("keras_zoo", "keras_late", "keras_causes", "keras_recurrent")
 
 
 def _load(modules: tuple[str, ...]) -> list[Scenario]:

@@ -75,6 +75,14 @@ EXPECTED_FIXES: dict[tuple[str, str], dict[str, frozenset[str]]] = {
     ("torch", "vanishing_rnn_through_time"): {
         "vanishing_gradient": frozenset({"gated_recurrence"})
     },
+    # --- keras_recurrent ------------------------------------------------------------
+    # A plain tanh SimpleRNN over 200 time steps (alone, or each half of a Bidirectional).
+    ("keras", "vanishing_simple_rnn_through_time"): {
+        "vanishing_gradient": frozenset({"gated_recurrence"})
+    },
+    ("keras", "vanishing_bidirectional_rnn_through_time"): {
+        "vanishing_gradient": frozenset({"gated_recurrence"})
+    },
     # --- keras_zoo ------------------------------------------------------------------
     ("keras", "vanishing_sigmoid_deep"): {"vanishing_gradient": _SWAP_SQUASHING},
     ("keras", "vanishing_tanh_tiny_init"): {"vanishing_gradient": _INIT_TANH},

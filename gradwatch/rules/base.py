@@ -20,6 +20,7 @@ import numpy as np
 from gradwatch.fixes import Fix
 from gradwatch.initial_scale import InitialScale
 from gradwatch.layer_info import LayerInfo
+from gradwatch.nonfinite_onset import NonfiniteOnset
 from gradwatch.window import WindowView
 
 # The metrics of RuleContext.time (RunStatistics keeps them per recurrent layer).
@@ -73,6 +74,10 @@ class RuleContext:
             empty when no adapter measured any.
         initial_scales: each layer group's weight and bias scale at the run's first
             step with weight norms (see :class:`~gradwatch.initial_scale.InitialScale`).
+        nonfinite_onset: the run's first step with NaN/Inf gradients and the activation
+            outputs that were NaN/Inf in its forward pass (see
+            :class:`~gradwatch.nonfinite_onset.NonfiniteOnset`), kept after the step
+            leaves the window; ``None`` before there is one.
     """
 
     step: int
@@ -90,6 +95,7 @@ class RuleContext:
     layer_info: Mapping[str, LayerInfo] = field(default_factory=dict)
     time: WindowView = field(default_factory=lambda: empty_view(TIME_METRICS))
     initial_scales: Mapping[str, InitialScale] = field(default_factory=dict)
+    nonfinite_onset: NonfiniteOnset | None = None
 
 
 def empty_view(metrics: tuple[str, ...]) -> WindowView:

@@ -8,7 +8,10 @@ rules' fix ranking reads, so the first fix addresses the cause, not only the sym
 * learning rate: the weights change by a large part of their size in one step, or the
   gradient rose only after ordinary first steps;
 * recurrence: recurrent layers, and whether they are plain (ungated) RNNs;
-* activation kinds seen (:attr:`RuleContext.hidden_kinds`).
+* activation kinds seen (:attr:`RuleContext.hidden_kinds`);
+* an activation that overflowed: at the run's first step with NaN/Inf gradients, an
+  activation whose kind can overflow (``exp``) already had NaN/Inf outputs
+  (:attr:`RuleContext.nonfinite_onset`).
 
 Example:
     >>> init_fix(frozenset({"tanh"}))
@@ -136,9 +139,21 @@ def rose_after_ordinary_start(ctx: RuleContext) -> bool:
     return bool(totals.size and totals.max() > RISE * baseline)
 
 
+def overflowed_activations(ctx: RuleContext) -> tuple[str, ...]:
+    """The activation sites that turned NaN/Inf in the forward pass of the run's first
+    step with NaN/Inf gradients, of a kind that overflows a finite input (``exp``):
+    see :attr:`~gradwatch.nonfinite_onset.NonfiniteOnset.overflowed`."""
+    onset = ctx.nonfinite_onset
+    return onset.overflowed if onset is not None else ()
+
+
 def explosion_cause(ctx: RuleContext, window: int | None = None) -> str:
-    """``"init"``, ``"learning_rate"``, ``"recurrence"`` or ``"unknown"``: what an
-    explosion's evidence points at, the strongest evidence first."""
+    """``"activation"``, ``"init"``, ``"learning_rate"``, ``"recurrence"`` or
+    ``"unknown"``: what an explosion's evidence points at, the strongest evidence first.
+    An activation that overflowed comes first: exp's derivative is its own output, so
+    it amplifies the gradient as its input grows, whatever set the input growing."""
+    if overflowed_activations(ctx):
+        return "activation"
     if init_too_large(ctx):
         return "init"
     if weight_jump(ctx, window) > WEIGHT_JUMP:
@@ -172,6 +187,8 @@ def explosion_fixes(
     cause = explosion_cause(ctx, window)
     init = fix(init_fix(ctx.hidden_kinds))
     lower = fix("lower_learning_rate")
+    if cause == "activation":
+        return (fix("stable_activation"), clip, lower)
     if cause == "init":
         return (init, clip, lower)
     if cause == "learning_rate":
@@ -201,6 +218,7 @@ __all__ = [
     "init_too_large",
     "init_too_small",
     "large_bias_groups",
+    "overflowed_activations",
     "plain_recurrence",
     "recurrent_groups",
     "rose_after_ordinary_start",

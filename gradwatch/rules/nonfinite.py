@@ -9,7 +9,7 @@ import numpy as np
 
 from gradwatch.fixes import fix, fixes
 from gradwatch.rules.base import Rule, RuleContext, Symptom, format_layers
-from gradwatch.rules.causes import explosion_fixes
+from gradwatch.rules.causes import explosion_fixes, overflowed_activations
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,10 @@ class NonfiniteGradient(Rule):
             before fp16 gradients fit; ``backoff_factor=0.5`` per skip).
         explosion_factor: if the last finite total norm exceeded the baseline by this
             factor, the NaN came from an explosion (clipping first); otherwise from the
-            loss (a stable loss first). Defaults to ``10``.
+            loss (a stable loss first). Defaults to ``10``. Either way, when an ``exp``
+            (or unknown) activation's output was already NaN/Inf at the run's first
+            step with NaN/Inf gradients (:attr:`RuleContext.nonfinite_onset`), the NaN
+            was born in the forward pass and a stable activation comes first.
         window: steps looked at for the skip rate. Defaults to ``20``.
 
     Example:
@@ -100,13 +103,31 @@ class NonfiniteGradient(Rule):
                 f"The AMP grad scaler skipped {n_skipped} of the last {skipped.size} steps "
                 f"because the gradients overflowed, so the model is not training."
             )
+        overflowed = overflowed_activations(ctx)
+        onset = ctx.nonfinite_onset
+        if onset is not None and onset.activations_counted:
+            evidence["nonfinite_onset_step"] = float(onset.step)
+            evidence["activations_nonfinite_at_onset"] = float(len(onset.sites))
+        if overflowed and onset is not None:
+            # Born in the forward pass, weights still finite: the activation overflowed.
+            site = overflowed[0]
+            evidence["activation_nonfinite_entries"] = float(onset.entries[onset.sites.index(site)])
+            message += (
+                f" The forward pass made it: at step {onset.step} the output of {site} "
+                f"({onset.kind_of(site)}) was already NaN/Inf while the weights were finite."
+            )
         if exploded:
-            # The NaN ended an explosion: rank by what caused the explosion.
+            # The NaN ended an explosion: rank by what caused the explosion (an overflowed
+            # activation first, see explosion_cause).
             clip = fix("gradient_clipping")
-            ranked = (*explosion_fixes(ctx, clip, False), *fixes("stable_activation"))
+            ranked = explosion_fixes(ctx, clip, False)
+            if not overflowed:
+                ranked = (*ranked, *fixes("stable_activation"))
+        elif overflowed:
+            ranked = fixes("stable_activation", "lower_learning_rate", "gradient_clipping")
         else:
-            # Born at an ordinary scale: a log/sqrt/division in the loss, or an activation
-            # that overflows (exp) in the forward pass; no statistic tells them apart yet.
+            # Born at an ordinary scale with every observed activation finite (or none
+            # observed at that step): a log/sqrt/division in the loss.
             ranked = fixes(
                 "stable_loss", "stable_activation", "lower_learning_rate", "gradient_clipping"
             )

@@ -16,6 +16,7 @@ from keras_helpers import compile_classifier, data, fit, mlp  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch import FindingError, GradWatchCallback, GradwatchWarning  # noqa: E402
+from gradwatch.activations import nonfinite_entries  # noqa: E402
 
 BACKEND = keras.backend.backend()
 
@@ -113,6 +114,35 @@ def test_relu_activation_statistics_match_the_batch() -> None:
     np.testing.assert_allclose(stats.act_inactive_frac[0], np.mean(h <= 0), atol=1e-6)
     np.testing.assert_allclose(stats.act_dead_frac[0], np.mean((h <= 0).all(axis=0)), atol=1e-6)
     assert stats.act_tail_frac[0] == 0.0
+
+
+def test_an_exponential_layer_is_watched_and_counts_its_overflow() -> None:
+    # Biases 100 and 89 overflow exp in float32 (> 3.4e38 from 88.73), 88 does not; the
+    # weights are zero so every sample overflows the same units.
+    x, y = data(n=32)
+    bias = np.array([100.0, 0.0, 88.0, 89.0], "float32")
+    dense = keras.layers.Dense(
+        4,
+        activation="exponential",
+        kernel_initializer="zeros",
+        bias_initializer=keras.initializers.Constant(bias),
+    )
+    model = compile_classifier(
+        keras.Sequential([keras.Input((16,)), dense, keras.layers.Dense(4)]),
+        keras.optimizers.SGD(0.1),
+    )
+    cb = _cb()
+    fit(model, [cb], batch_size=32, xy=(x, y))
+    stats = cb.last_step_stats
+    assert stats.act_layers == (dense.path,)
+    assert stats.act_kinds == ("exp",)
+    with np.errstate(over="ignore"):
+        want = nonfinite_entries(np.exp(np.tile(bias, (32, 1))))
+    assert stats.act_nonfinite == (want,) == (2 * 32,)
+    assert stats.act_inactive_frac[0] == 0.0  # over the finite entries: exp is never <= 0
+    finding = next(f for f in cb.report.findings if f.rule == "nonfinite_gradient")
+    assert finding.fixes[0].id == "stable_activation"
+    assert f"{dense.path} (exp)" in finding.message
 
 
 def test_loss_scale_optimizer_reports_unscaled_gradients() -> None:

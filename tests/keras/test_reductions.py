@@ -18,7 +18,7 @@ from gradwatch.adapters.keras.reductions import (  # noqa: E402
 )
 from keras import ops  # noqa: E402
 
-from gradwatch.activations import activation_stats_from_array  # noqa: E402
+from gradwatch.activations import activation_stats_from_array, nonfinite_entries  # noqa: E402
 
 NAN = math.nan
 BACKEND = keras.backend.backend()
@@ -32,22 +32,32 @@ def _row(y, kind, axis=-1):
 def test_a_nan_activation_is_never_inactive_nor_dead() -> None:
     # Unit 0 is NaN everywhere (unknown), unit 1 is zero everywhere (dead), unit 2 lives.
     y = [[NAN, 0.0, 1.0], [NAN, 0.0, 2.0]]
-    inactive, dead, tail = _row(y, "relu")
+    inactive, dead, tail, nonfinite = _row(y, "relu")
     assert inactive == pytest.approx(2 / 4)  # of the finite outputs
     assert dead == pytest.approx(1 / 2)  # of the units with finite outputs
     assert tail == 0.0
+    assert nonfinite == 2.0 == nonfinite_entries(y)
 
 
 def test_an_all_nan_activation_is_unknown_not_dead() -> None:
-    for kind in ("relu", "relu6", "leaky_relu", "sigmoid", "tanh"):
-        row = _row(np.full((4, 3), NAN), kind)
-        assert all(math.isnan(v) for v in row), (kind, row)
+    for kind in ("relu", "relu6", "leaky_relu", "sigmoid", "tanh", "exp"):
+        *fractions, nonfinite = _row(np.full((4, 3), NAN), kind)
+        assert all(math.isnan(v) for v in fractions), (kind, fractions)
+        assert nonfinite == 12.0  # seen, with every entry NaN
+
+
+def test_an_overflowed_exp_counts_its_inf_entries() -> None:
+    z = np.array([[100.0, 0.0, 88.0], [89.0, -5.0, 1.0]], "float32")
+    *_, nonfinite = _row(ops.exp(ops.convert_to_tensor(z)), "exp")
+    with np.errstate(over="ignore"):
+        assert nonfinite == 2.0 == nonfinite_entries(np.exp(z))  # exp(88) < 3.4e38 < exp(89)
 
 
 def test_inf_is_neither_inactive_nor_in_a_tail() -> None:
-    inactive, _, _ = _row([[-math.inf, 0.0], [-math.inf, 1.0]], "leaky_relu")
+    inactive, _, _, nonfinite = _row([[-math.inf, 0.0], [-math.inf, 1.0]], "leaky_relu")
     assert inactive == pytest.approx(1 / 2)
-    _, _, tail = _row([[NAN, math.inf], [0.5, 0.99999]], "sigmoid")
+    assert nonfinite == 2.0
+    _, _, tail, _ = _row([[NAN, math.inf], [0.5, 0.99999]], "sigmoid")
     assert tail == pytest.approx(1 / 2)  # 0.99999 of the finite outputs 0.5 and 0.99999
 
 
@@ -55,9 +65,9 @@ def test_inf_is_neither_inactive_nor_in_a_tail() -> None:
 def test_finite_outputs_match_the_host_reference(kind) -> None:
     y = np.random.default_rng(0).normal(size=(8, 5, 6)).astype("float32") * 3
     y[:, :, 2] = -1.0  # one dead unit
-    np.testing.assert_allclose(
-        _row(y, kind), activation_stats_from_array(y, kind, -1, 0.01), atol=1e-6
-    )
+    row = _row(y, kind)
+    np.testing.assert_allclose(row[:3], activation_stats_from_array(y, kind, -1, 0.01), atol=1e-6)
+    assert row[3] == 0.0
 
 
 def test_a_nan_gradient_is_flagged_and_counted_whatever_max_does() -> None:
@@ -105,8 +115,9 @@ def test_unknown_shapes_and_indexed_slices_inside_tf_function() -> None:
     ]
     np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-5)
     np.testing.assert_allclose(
-        act.numpy(), activation_stats_from_array(np.maximum(dense, 0), "relu"), atol=1e-6
+        act.numpy()[:3], activation_stats_from_array(np.maximum(dense, 0), "relu"), atol=1e-6
     )
+    assert act.numpy()[3] == 0.0
 
     # An Embedding's gradient: rows 1 and 4 looked up, row 1 twice (summed).
     values = rng.normal(size=(3, 3)).astype("float32")

@@ -18,7 +18,11 @@ from torch import nn  # noqa: E402
 from torch_helpers import EVERY_STEP, record_stats  # noqa: E402
 
 import gradwatch  # noqa: E402
-from gradwatch.activations import activation_stats_from_array, tail_bounds  # noqa: E402
+from gradwatch.activations import (  # noqa: E402
+    activation_stats_from_array,
+    nonfinite_entries,
+    tail_bounds,
+)
 
 NAN = float("nan")
 
@@ -52,8 +56,10 @@ def test_nan_is_neither_inactive_nor_dead(
         monkeypatch.setattr(scratch, "CHUNK_NUMEL", 3 * 4)
     rows = 10
     y = _relu_output_with_nan(rows).to(dtype)
-    inactive, dead, tail = activation_stats_on_device(y, "relu", -1, tail_bounds("relu")).tolist()
+    stats = activation_stats_on_device(y, "relu", -1, tail_bounds("relu")).tolist()
+    inactive, dead, tail, nonfinite = stats
     zeros = 2 * rows - 1  # unit 1 without its NaN, and unit 2
+    assert nonfinite == rows + 1 == nonfinite_entries(y.double().numpy())  # unit 0, and one
     assert inactive == pytest.approx(zeros / y.numel())
     assert dead == pytest.approx(1 / 4)  # unit 2 only
     assert tail == 0.0
@@ -65,8 +71,11 @@ def test_nan_is_neither_inactive_nor_dead(
 def test_nan_is_in_no_tail_and_not_inactive(kind: str) -> None:
     y = torch.full((6, 5), NAN)
     y[0, 0] = 6.0 if kind == "relu6" else 1.0  # the one entry in a tail (none for gelu)
-    inactive, dead, tail = activation_stats_on_device(y, kind, -1, tail_bounds(kind)).tolist()
+    inactive, dead, tail, nonfinite = activation_stats_on_device(
+        y, kind, -1, tail_bounds(kind)
+    ).tolist()
     assert inactive == 0.0 and dead == 0.0
+    assert nonfinite == y.numel() - 1
     want = activation_stats_from_array(y.numpy(), kind, -1)
     np.testing.assert_allclose([inactive, dead, tail], want, rtol=1e-6)
     assert tail == pytest.approx(0.0 if kind == "gelu" else 1 / y.numel())  # the one entry
@@ -89,3 +98,34 @@ def test_a_nan_relu_output_through_the_watch_is_not_dead() -> None:
     assert s.act_inactive_frac[i] == pytest.approx(0.25)  # unit 2 only: NaN is not inactive
     assert s.act_dead_frac[i] == pytest.approx(0.25)
     assert not math.isnan(s.act_inactive_frac[i])
+    assert s.act_nonfinite[i] == 2 * 8  # units 0 and 1, every sample
+
+
+class _Exp(nn.Module):
+    """``exp`` written in ``forward``: no activation module to hook."""
+
+    def __init__(self, method: bool) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.exp() if self.method else torch.exp(x)
+
+
+@pytest.mark.parametrize("method", [False, True], ids=["torch.exp", "Tensor.exp"])
+def test_an_exp_in_forward_is_a_site_that_counts_its_overflow(method: bool) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), _Exp(method), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.copy_(torch.tensor([100.0, 0.0, 88.0, 89.0]))  # exp > 3.4e38 at 88.73
+    gw = gradwatch.watch(model, activation_schedule=EVERY_STEP, on_finding="ignore", show=False)
+    seen = record_stats(gw)
+    x = torch.randn(8, 4)
+    model(x).sum().backward()
+    gw.flush()
+    gw.close()
+    s = seen[0]
+    i = s.act_layers.index("1#exp:0")
+    assert s.act_kinds[i] == "exp"
+    want = nonfinite_entries(torch.exp(model[0](x)).detach().numpy())
+    assert s.act_nonfinite[i] == want == 2 * 8  # units 0 and 3 overflow, unit 2 does not

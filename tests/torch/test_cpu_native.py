@@ -143,6 +143,18 @@ def test_tail_counts_include_the_bound_and_skip_nan(kernels: cpu_native.CpuKerne
     assert kernels.count_active(y).item() == 3.0  # 1, NaN and 2
 
 
+def test_nonfinite_counts_every_nan_and_inf_and_no_large_finite(
+    kernels: cpu_native.CpuKernels,
+) -> None:
+    # Across BLOCK (4096) boundaries; a NaN with its sign bit set, the largest finite
+    # float and a subnormal are compared by their bits.
+    y = torch.randn(3 * 4096 + 7)
+    y[[0, 4095, 4096, -1]] = torch.tensor([math.inf, -math.inf, math.nan, -math.nan])
+    y[1], y[2] = torch.finfo(torch.float32).max, 1e-45
+    expected = int((~torch.isfinite(y)).sum())
+    assert kernels.count_nonfinite(y).item() == expected == 4
+
+
 def test_ineligible_tensors_take_the_torch_ops() -> None:
     base = torch.randn(64, 64)
     assert cpu_native.eligible(base)
