@@ -11,7 +11,13 @@ round: plain, plain again (the A/A control, this run's noise floor) and the call
 its defaults. Ratios are per round against the first plain arm, then the median (and
 quartiles) over rounds. One TensorFlow thread by default, as ``overhead_keras.py``.
 
+``--model rnn`` times the same way a recurrent ``fit``: ``SimpleRNN(32)`` over 200 time
+steps of 4 features, read at its last output, ``Dense(2)``, Adam, batch 32 (the task of
+``benchmarks/scenarios/keras_recurrent.py``), where the callback also taps the layer's
+input for the gradient through time.
+
     KERAS_BACKEND=tensorflow python benchmarks/keras_fit_cost.py [--rounds 6] [--steps 300]
+        [--model mnist|rnn]
 """
 
 from __future__ import annotations
@@ -67,30 +73,60 @@ def _data(steps: int) -> tuple[np.ndarray, np.ndarray]:
     return x, np.eye(10, dtype=np.float32)[labels]
 
 
-def _fit_arm(x: np.ndarray, y: np.ndarray, callbacks: Callable[[], list[Any]]) -> float:
+def simple_rnn() -> keras.Model:
+    """A many-to-one ``SimpleRNN(32)`` over 200 steps (benchmarks/scenarios/keras_recurrent.py)."""
+    model = keras.Sequential(
+        [keras.Input((RNN_LENGTH, 4)), keras.layers.SimpleRNN(32), keras.layers.Dense(2)]
+    )
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def _rnn_data(steps: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((RNN_BATCH * steps, RNN_LENGTH, 4)).astype(np.float32)
+    return x, (x[:, -20:, 0].sum(axis=1) > 0).astype(np.int32)
+
+
+RNN_LENGTH, RNN_BATCH = 200, 32
+# --model: the model builder, its data and its batch size.
+MODELS: dict[str, tuple[Callable[[], keras.Model], Callable[[int], Any], int]] = {
+    "mnist": (mnist_convnet, _data, BATCH),
+    "rnn": (simple_rnn, _rnn_data, RNN_BATCH),
+}
+
+
+def _fit_arm(
+    model_name: str, x: np.ndarray, y: np.ndarray, callbacks: Callable[[], list[Any]]
+) -> float:
+    build, _, batch = MODELS[model_name]
     start = time.perf_counter()
     keras.utils.set_random_seed(0)
-    model = mnist_convnet()
-    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=callbacks())
+    model = build()
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False, callbacks=callbacks())
     return time.perf_counter() - start
 
 
-def measure(rounds: int, steps: int) -> dict[str, Any]:
+def measure(rounds: int, steps: int, model_name: str = "mnist") -> dict[str, Any]:
     from gradwatch.adapters.keras import GradWatchCallback
 
-    x, y = _data(steps)
+    _, make_data, batch = MODELS[model_name]
+    x, y = make_data(steps)
     arms: dict[str, Callable[[], list[Any]]] = {
         "plain": lambda: [],
         "plain again (A/A control)": lambda: [],
         "GradWatchCallback() defaults": lambda: [GradWatchCallback(verbose=0, on_finding="ignore")],
     }
     for make in arms.values():  # warm-up: imports, first traces, the C++ kernels' caches
-        _fit_arm(x[: BATCH * 20], y[: BATCH * 20], make)
+        _fit_arm(model_name, x[: batch * 20], y[: batch * 20], make)
     seconds: dict[str, list[float]] = {name: [] for name in arms}
     order = list(arms.items())
     for r in range(rounds):
         for name, make in order[r % len(order) :] + order[: r % len(order)]:
-            seconds[name].append(_fit_arm(x, y, make))
+            seconds[name].append(_fit_arm(model_name, x, y, make))
     base = seconds["plain"]
     rows = {}
     for name, values in seconds.items():
@@ -104,13 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--model", choices=sorted(MODELS), default="mnist")
     args = parser.parse_args(argv)
     _set_threads()
     load = os.getloadavg()[0]
-    rows = measure(args.rounds, args.steps)
+    rows = measure(args.rounds, args.steps, args.model)
+    what = "keras.io MNIST convnet" if args.model == "mnist" else "SimpleRNN(32) x 200 steps"
     print(
-        f"Keras {keras.__version__}, backend {keras.backend.backend()}, keras.io MNIST "
-        f"convnet, {args.steps} steps of batch {BATCH}, whole fit (build, compile, trace, "
+        f"Keras {keras.__version__}, backend {keras.backend.backend()}, {what}, "
+        f"{args.steps} steps of batch {MODELS[args.model][2]}, whole fit (build, compile, trace, "
         f"train), {THREADS or 'default'} thread(s), {args.rounds} rounds; load "
         f"{load:.2f} before, {os.getloadavg()[0]:.2f} after"
     )

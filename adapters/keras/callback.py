@@ -63,6 +63,14 @@ class GradWatchCallback(keras.callbacks.Callback):
     and in ``report.coverage``. A layer holding several kernels itself is judged per
     kernel (each with its bias), so depth inside it is visible.
 
+    Recurrent layers (``SimpleRNN``, ``LSTM``, ``GRU``, any ``keras.layers.RNN``, also
+    inside ``Bidirectional``) are measured through time on sampled steps: the RMS of
+    the gradient reaching the input at the first and the last processed time step
+    (``StepStats.time_grad_first`` / ``time_grad_last``), by an identity tap on the
+    input whose backward pass hands the gradient over. A plain ``SimpleRNN`` whose first
+    step gets under 1e-5 of the last one's is reported as ``vanishing_gradient``. Masked
+    inputs are not measured (said in the notes).
+
     A custom ``train_step`` that applies its gradients with optimizers held as model
     attributes (the keras.io GAN's ``self.d_optimizer`` and ``self.g_optimizer``) is
     watched too on the TensorFlow and torch backends: each optimizer's variables

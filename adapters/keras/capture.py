@@ -27,6 +27,7 @@ from gradwatch.adapters.keras.ops_capture import OpsCapture, activation_table
 from gradwatch.adapters.keras.probe import Probe, grad_table, loss_scale, write_norm
 from gradwatch.adapters.keras.recurrence import (
     RecurrentLayers,
+    TimeGrads,
     backend_tap,
     measurable,
     time_table,
@@ -89,13 +90,11 @@ class Capture:
         self._patches: list[tuple[Any, str]] = []
         self._act_last_out: dict[int, Any] = {}
         self._in_train_step = False
-        # Through time: this step's input gradient per recurrent layer (index -> tensor),
-        # and the layers tapped in it (a shared layer is tapped at its first call).
+        # Through time: what each recurrent layer's taps handed over in this step (a
+        # shared layer is tapped at its first call).
         self.rnns = rnns
         self._tap = backend_tap(keras.backend.backend()) if rnns else None
-        self._time_grads: dict[int, Any] = {}
-        self._tapped: set[int] = set()
-        self._noted_masked: set[int] = set()
+        self._time_grads: dict[int, TimeGrads] = {}
         # keras.ops activations inside custom calls: only when the model may have some.
         self.ops: OpsCapture | None = None
         if acts.site_capacity:
@@ -146,14 +145,12 @@ class Capture:
         so is a train step of a later ``fit`` that runs after this one died."""
         self._in_train_step = self.live()
         self._time_grads.clear()
-        self._tapped.clear()
         try:
             yield
         finally:
             self._in_train_step = False
             self._act_last_out.clear()
             self._time_grads.clear()
-            self._tapped.clear()
 
     def _ops_scope(self, sampled: Any) -> contextlib.AbstractContextManager[None]:
         """Intercept ``keras.ops`` activations while the step runs or is traced, unless it
@@ -190,44 +187,82 @@ class Capture:
 
     def _wrap_rnn_call(self, call: Callable[..., Any], index: int) -> Callable[..., Any]:
         def rnn_call_with_gradwatch(sequences: Any, *args: Any, **kwargs: Any) -> Any:
+            tapped = None
             if self._in_train_step and self.guard.enabled and self._tap_due():
                 with self.guard:
-                    sequences = self._tap_input(index, sequences, args, kwargs)
-            return call(sequences, *args, **kwargs)
+                    tapped = self._tap_state(index, sequences, args, dict(kwargs))
+            record = None
+            if tapped is not None:
+                # All by keyword now, the initial state through its tap.
+                record, kwargs, args = tapped[0], tapped[1], ()
+            outputs = call(sequences, *args, **kwargs)
+            if record is not None and self.guard.enabled:
+                with self.guard:
+                    outputs = self._tap_output(index, record, outputs)
+            return outputs
 
         return rnn_call_with_gradwatch
 
     def _tap_due(self) -> bool:
-        """Whether this train step's recurrent inputs are tapped (TensorFlow, JAX: every
+        """Whether this train step's recurrent layers are tapped (TensorFlow, JAX: every
         traced step, the reduction being in the sampled branch)."""
         return True
 
-    def _tap_input(self, index: int, sequences: Any, args: Any, kwargs: Any) -> Any:
-        """``sequences`` through the backend's tap, or unchanged when not measured."""
+    def _tap_state(
+        self, index: int, sequences: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[TimeGrads, dict[str, Any]] | None:
+        """The record the taps fill and the call's keyword arguments, the initial state
+        through the backend's tap; ``None`` when the call is not measured."""
         rnns, tap = self.rnns, self._tap
-        if rnns is None or tap is None or index in self._tapped or not measurable(sequences):
-            return sequences
-        mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
-        if mask is not None:
-            if index not in self._noted_masked:
-                self._noted_masked.add(index)
-                self.note(
-                    f"The gradient through time of {rnns.names[index]} is not measured: its "
-                    "input is masked, so its sequences have no common first and last step."
-                )
-            return sequences
-        self._tapped.add(index)
-        grads = self._time_grads
+        if rnns is None or tap is None or index in self._time_grads:
+            return None
+        layer = rnns.layers[index]
+        if not measurable(layer, sequences) or len(args) > len(_RNN_CALL_ARGS):
+            return None
+        kwargs.update(zip(_RNN_CALL_ARGS, args, strict=False))  # RNN.call's order
+        state = kwargs.get("initial_state")
+        if state is None:
+            state = layer.get_initial_state(batch_size=ops.shape(sequences)[0])
+        mask = kwargs.get("mask")
+        record = self._time_grads[index] = TimeGrads(sequences, mask)
+        anchor = rnns.anchors[index].value
+        kwargs["initial_state"] = keras.tree.map_structure(
+            lambda s: tap(s, anchor, record.first.append), state
+        )
+        return record, kwargs
+
+    def _tap_output(self, index: int, record: TimeGrads, outputs: Any) -> Any:
+        """The layer's ``outputs`` with the output (not the returned states) tapped."""
+        assert self.rnns is not None and self._tap is not None
+        anchor = self.rnns.anchors[index].value
 
         def report(grad: Any) -> None:
-            grads.setdefault(index, grad)
+            if record.last is None:
+                record.last = grad
 
-        return tap(sequences, rnns.anchors[index].value, report)
+        if isinstance(outputs, (list, tuple)):
+            return type(outputs)([self._tap(outputs[0], anchor, report), *outputs[1:]])
+        return self._tap(outputs, anchor, report)
 
-    def _time_table(self, grads: dict[int, Any]) -> Any:
-        """``(n_rnns, TIME_ROWS + 1)`` through-time rows of this step (NaN: not seen)."""
+    def _time_table(self, grads: dict[int, TimeGrads]) -> Any:
+        """``(n_rnns, TIME_ROWS + 1)`` through-time rows of this step (NaN: not seen).
+
+        A gradient the step cannot reach (a custom ``train_step`` that differentiates
+        inside a nested ``tf.function`` or ``jax.jit``, whose tensors stay there) turns
+        the through-time measurement off with a note; the rest of monitoring goes on."""
         assert self.rnns is not None
-        return time_table(grads, self.rnns.reversed)
+        try:
+            return time_table(grads, len(self.rnns))
+        except Exception as error:
+            if self.guard.strict:
+                raise
+            self._tap = None
+            self.note(
+                "The gradient through time of recurrent layers is not measured: their "
+                f"state and output gradients are out of the train step's reach "
+                f"({type(error).__name__})."
+            )
+            return time_table({}, len(self.rnns))
 
     def _activation_table(self, outputs: dict[int, Any]) -> Any:
         """``(n_acts, 3)`` activation fractions of this step; NaN rows for layers that
@@ -250,6 +285,10 @@ class Capture:
     def _is_norm_due(self, step: Any) -> Any:
         """In-graph: does ``step`` take only its total norm (see :func:`_is_norm_due`)?"""
         return _is_norm_due(step, self.sample_every, self.dense_until, self.probe.norm_every)
+
+
+# keras.layers.RNN.call(sequences, initial_state=None, mask=None, training=False).
+_RNN_CALL_ARGS = ("initial_state", "mask", "training")
 
 
 class _StepState:

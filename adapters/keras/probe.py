@@ -1,11 +1,13 @@
 """The callback-owned variables the train step writes into: :class:`Probe`.
 
 Owns the ring layout (one slot per sample: the step, whether the optimizer skipped
-it, a :data:`gradwatch.rows.GRAD_ROW_FIELDS` row per gradient and an
-:data:`gradwatch.rows.ACT_ROW_FIELDS` row per activation layer; and a ring of the total norms of
-steps not sampled) and :func:`write_sample` / :func:`write_norm`, the pure
-computations of a slot's new contents that both the TensorFlow/torch capture (which
-assigns them) and the JAX capture (which returns them as state) use. Also two small
+it, a :data:`gradwatch.rows.GRAD_ROW_FIELDS` row per gradient, an
+:data:`gradwatch.rows.ACT_ROW_FIELDS` row per activation layer and a
+:data:`gradwatch.rows.TIME_ROW_FIELDS` row with the time steps per recurrent layer;
+and a ring of the total norms of steps not sampled) and :func:`write_sample` /
+:func:`write_norm`, the pure computations of a slot's new contents that both the
+TensorFlow/torch capture (which assigns them) and the JAX capture (which returns them
+as state) use. Also two small
 reads: the loss scale the gradients carry (for the captures) and a probe variable's
 copy to the host (for the callback).
 """

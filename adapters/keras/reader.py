@@ -149,7 +149,7 @@ class RingReader:
             act_is_output=acts.is_output,
             act_rows=a,
             time_layers=[self.time_layers[i] for i in seen],
-            time_length=[int(n) for n in t[seen, TIME_ROWS]] if t is not None else [],
+            time_length=[round(n) for n in t[seen, TIME_ROWS]] if t is not None else [],
             time_rows=t[seen, :TIME_ROWS] if t is not None and seen.size else None,
             skipped=skipped,
         )

@@ -1,37 +1,46 @@
-"""Through-time gradients of the Keras adapter: :class:`RecurrentLayers` and the input taps.
+"""Through-time gradients of the Keras adapter: :class:`RecurrentLayers` and the taps.
 
 For every recurrent layer of a model (any ``keras.layers.RNN``: ``SimpleRNN``, ``LSTM``,
 ``GRU``, ``ConvLSTM*``, an ``RNN`` of a custom cell, also inside ``Bidirectional``) the
-callback measures, on sampled training steps, the RMS over batch and features of
-dL/d(input) at the time step the layer processes first and at the one it processes last
-(``StepStats.time_grad_first`` / ``time_grad_last``). Parameter norms cannot show a
-gradient that dies on its way back through 200 time steps: the recurrent weights still
-get the gradient of the last few steps.
+callback measures, on sampled training steps, how much of the gradient arriving at the
+layer's last processed output is left when it has gone back through every time step:
+the RMS of dL/d(initial state) (``StepStats.time_grad_first``; LSTM's ``h`` and ``c``
+together) against the RMS of dL/d(output) at the last processed step
+(``time_grad_last``). Parameter norms cannot show a gradient that dies on its way back
+through 200 time steps: the recurrent weights still get the gradient of the last few.
 
-How: the layer's ``call`` is wrapped so that, inside the train step, its input passes
-through a tap: an identity (the layer computes exactly what it computed before) whose
-backward pass hands the gradient arriving at the input to the capture unchanged, which
-reduces it in the step's sampled branch. An input that needs no gradient (data) gets one
-anyway: the tap also takes one of the layer's own trainable variables (TensorFlow, JAX)
-or a scalar that requires a gradient (torch) and gives it an exactly-zero gradient, so
-the backward pass runs through the tap; the variable's gradient is its own plus 0.
+Why the state and not the input (which the torch adapter taps, on sampled steps only):
+a Keras train step is one traced graph (TensorFlow, JAX), so a tap is there on every
+step. The gradient reaching the initial state is the recurrence's own carried gradient
+after its last backward step, computed anyway; a gradient with respect to a data input
+is not, and asking for it made every step of a 200-step ``SimpleRNN`` ~40% slower on
+TensorFlow (measured, ``benchmarks/keras_fit_cost.py --model rnn``). A plain RNN's two
+measures both shrink by the product of its per-step Jacobians; they differ by one
+weight matrix (``W_hh`` against ``W_xh``).
 
-* TensorFlow: ``tf.custom_gradient``; the gradient is a tensor of the traced train step.
+How: the layer's ``call`` is wrapped inside the train step. Its initial state (the zeros
+Keras would make, or the one passed) and its output pass through taps: identities (the
+layer computes exactly what it computed before) whose backward passes hand the gradient
+to the capture unchanged, which reduces it in the step's sampled branch. A state of
+zeros needs no gradient: the tap also takes one of the layer's own trainable variables
+(TensorFlow, JAX) or a scalar that requires a gradient (torch) and gives it an
+exactly-zero gradient, so the backward pass runs through the tap.
+
+* TensorFlow: ``tf.custom_gradient``; the gradients are tensors of the traced train step.
 * torch: a ``torch.autograd.Function``, only on steps known to be sampled.
 * JAX: ``jax.custom_vjp``; its backward runs when ``jax.value_and_grad`` transposes the
   step, at the level of the ``jit`` trace, so the gradient can be reduced after it.
 
 What is measured, layer by layer:
 
-* the time axis is 1 (Keras 3 recurrent inputs are batch-major);
-* a layer with ``go_backwards=True`` (the backward half of ``Bidirectional``) processes
-  the last input step first: its ends are swapped, so "first" is always the step whose
-  gradient went back through the whole recurrence;
+* the last processed output is the output itself, or its last step with
+  ``return_sequences=True`` (Keras returns sequences in processing order, so also with
+  ``go_backwards=True``);
 * each direction of a ``Bidirectional`` layer is measured on its own, named by its
   variables' layer group (``bidirectional/forward_simple_rnn/simple_rnn_cell``);
-* a masked input is not measured (its sequences end at different steps, and pre-padding
-  would zero the first steps' gradient); the report says so once;
-* a nested (tuple) input, or one with fewer than 2 time steps, is not measured.
+* with a mask the state is carried through masked steps unchanged, so the ratio is
+  that of the real steps, and the time steps are the mean unmasked count;
+* a ``stateful=True`` layer, or a nested (tuple) input, is not measured.
 
 Example:
     >>> import keras
@@ -44,6 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -53,19 +63,18 @@ from keras import ops
 from gradwatch.rows import TIME_ROWS
 from gradwatch.run_statistics import module_of
 
-# The backend's tap: (input, anchor, report) -> the input, unchanged; `report` gets the
+# The backend's tap: (tensor, anchor, report) -> the tensor, unchanged; `report` gets the
 # gradient arriving at it in the backward pass.
 Tap = Callable[[Any, Any, Callable[[Any], None]], Any]
 
 
 class RecurrentLayers:
-    """The recurrent layers of ``model`` whose input gradient is measured, in model order.
+    """The recurrent layers of ``model`` measured through time, in model order.
 
     Attributes:
         layers: the ``keras.layers.RNN`` instances (each direction of a
             ``Bidirectional`` on its own) that hold trainable variables.
         names: the time row name of each, its variables' layer group.
-        reversed: whether each processes its input from the last step (``go_backwards``).
         anchors: a trainable variable of each, whose zero gradient makes the tap run.
     """
 
@@ -84,40 +93,67 @@ class RecurrentLayers:
         self.layers: tuple[Any, ...] = tuple(layers)
         self.anchors: tuple[Any, ...] = tuple(layer.trainable_variables[0] for layer in layers)
         self.names: tuple[str, ...] = tuple(module_of(var_name(v)) for v in self.anchors)
-        self.reversed: tuple[bool, ...] = tuple(bool(layer.go_backwards) for layer in layers)
 
     def __len__(self) -> int:
         return len(self.layers)
 
 
-def measurable(sequences: Any) -> bool:
-    """A single batch-major tensor with a time axis (``ndim >= 3``)."""
+@dataclass
+class TimeGrads:
+    """What the taps of one recurrent layer's call handed over in this step.
+
+    Attributes:
+        sequences: the layer's input (its time steps are ``shape[1]``).
+        mask: its mask, or ``None``.
+        first: dL/d(initial state), one tensor per state tensor.
+        last: dL/d(output), or ``None`` before the backward pass reached it.
+    """
+
+    sequences: Any
+    mask: Any = None
+    first: list[Any] = field(default_factory=list)
+    last: Any = None
+
+
+def measurable(layer: Any, sequences: Any) -> bool:
+    """A stateless layer called on a single batch-major tensor with a time axis."""
     shape = getattr(sequences, "shape", None)
-    return shape is not None and len(shape) >= 3 and not isinstance(sequences, (list, tuple))
+    return (
+        not getattr(layer, "stateful", False)
+        and shape is not None
+        and len(shape) >= 3
+        and not isinstance(sequences, (list, tuple))
+    )
 
 
-def time_table(grads: dict[int, Any], reversed_: tuple[bool, ...]) -> Any:
-    """``(len(reversed_), TIME_ROWS + 1)``: per recurrent layer the RMS of its input
-    gradient at the step processed first and at the one processed last, and its time
-    steps; a row of NaN for a layer with no gradient this step."""
+def time_table(grads: dict[int, TimeGrads], n_layers: int) -> Any:
+    """``(n_layers, TIME_ROWS + 1)``: per recurrent layer the RMS of dL/d(initial state),
+    of dL/d(output) at the last processed step, and its time steps; a row of NaN for a
+    layer not measured this step."""
     rows = []
     missing = ops.full((TIME_ROWS + 1,), math.nan, "float32")
-    for i, backwards in enumerate(reversed_):
-        g = grads.get(i)
-        if g is None:
+    for i in range(n_layers):
+        record = grads.get(i)
+        if record is None or record.last is None or not record.first:
             rows.append(missing)
             continue
-        first, last = _step_rms(g[:, 0]), _step_rms(g[:, -1])
-        if backwards:
-            first, last = last, first
-        length = ops.cast(ops.shape(g)[1], "float32")
-        rows.append(ops.stack([first, last, length]))
+        flat = [ops.reshape(ops.cast(g, "float32"), (-1,)) for g in record.first]
+        first = _rms(ops.concatenate(flat) if len(flat) > 1 else flat[0])
+        last_out = record.last[:, -1] if len(record.last.shape) == 3 else record.last
+        rows.append(ops.stack([first, _rms(last_out), _time_steps(record)]))
     return ops.stack(rows)
 
 
-def _step_rms(g: Any) -> Any:
-    """RMS of one time step's gradient, scaled by its max first: a gradient that decayed
-    through time to 1e-25 must not square to 0 in float32 (JAX has no float64 here)."""
+def _time_steps(record: TimeGrads) -> Any:
+    """The sequence length, or with a mask the mean number of unmasked steps."""
+    if record.mask is not None:
+        return ops.mean(ops.sum(ops.cast(record.mask, "float32"), axis=1))
+    return ops.cast(ops.shape(record.sequences)[1], "float32")
+
+
+def _rms(g: Any) -> Any:
+    """RMS of ``g``, scaled by its max first: a gradient that decayed through time to
+    1e-25 must not square to 0 in float32 (JAX has no float64 here)."""
     g = ops.cast(g, "float32")
     peak = ops.max(ops.abs(g))
     safe = ops.where(ops.logical_and(peak > 0.0, ops.isfinite(peak)), peak, 1.0)
@@ -214,4 +250,4 @@ class _LazyTorchTap:
 _TorchTap = _LazyTorchTap()
 
 
-__all__ = ["RecurrentLayers", "backend_tap", "measurable", "time_table"]
+__all__ = ["RecurrentLayers", "TimeGrads", "backend_tap", "measurable", "time_table"]

@@ -1,9 +1,9 @@
 """The gradient through time of Keras recurrent layers (issue #14): a plain SimpleRNN over
 a long sequence reports ``vanishing_gradient`` with ``gated_recurrence`` first, the time
-rows are the real dL/d(input) at the layer's first and last processed step (checked by
-the backend's own autograd), gated and short layers stay quiet, a masked input is named
-as not measured, and the taps change no output or gradient. Runs on whatever backend
-``KERAS_BACKEND`` selects."""
+rows are the real dL/d(initial state) and dL/d(last output) (checked by the backend's
+own autograd), gated and short layers stay quiet, a masked input counts its real steps,
+and the taps change no output or gradient. Runs on whatever backend ``KERAS_BACKEND``
+selects."""
 
 from __future__ import annotations
 
@@ -56,32 +56,47 @@ def _watch(**kw: Any) -> Any:
 
 def _input_grad(model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """dL/dx of one batch, by the backend's own autograd (no gradwatch)."""
+    return _grads(model, x, y, of_input=True)[0]
+
+
+def _state_and_output_grads(model: Any, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+    """dL/d(initial state) and dL/d(the recurrent layer's output) of one batch, by the
+    backend's own autograd (no gradwatch): the layers called in turn, with an explicit
+    zero initial state and a zero added to the output."""
+    return _grads(model, x, y, of_input=False)
+
+
+def _grads(model: Any, x: np.ndarray, y: np.ndarray, of_input: bool) -> list[np.ndarray]:
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    rnn, head = model.layers
+    zeros = np.zeros((len(x), HIDDEN), np.float32)
+
+    def loss_of(*wrt: Any) -> Any:
+        if of_input:
+            return loss_fn(y, model(wrt[0], training=True))
+        h0, p = wrt
+        return loss_fn(y, head(rnn(x, initial_state=h0, training=True) + p, training=True))
+
+    start = [x] if of_input else [zeros, zeros]
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        xt = tf.constant(x)
+        wrt = [tf.constant(a) for a in start]
         with tf.GradientTape() as tape:
-            tape.watch(xt)
-            loss = loss_fn(y, model(xt, training=True))
-        return np.asarray(tape.gradient(loss, xt))
+            tape.watch(wrt)
+            loss = loss_of(*wrt)
+        return [np.asarray(g) for g in tape.gradient(loss, wrt)]
     if backend == "torch":
         import torch
 
-        xt = torch.tensor(x, requires_grad=True)
-        loss = loss_fn(y, model(xt, training=True))
-        return torch.autograd.grad(loss, xt)[0].detach().cpu().numpy()
+        wrt = [torch.tensor(a, requires_grad=True) for a in start]
+        grads = torch.autograd.grad(loss_of(*wrt), wrt)
+        return [g.detach().cpu().numpy() for g in grads]
     import jax
 
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-
-    def loss_of(xx: Any) -> Any:
-        out, _ = model.stateless_call(trainable, non_trainable, xx, training=True)
-        return loss_fn(y, out)
-
-    return np.asarray(jax.grad(loss_of)(x))
+    argnums = tuple(range(len(start)))
+    return [np.asarray(g) for g in jax.grad(loss_of, argnums=argnums)(*start)]
 
 
 def _rms(a: np.ndarray) -> float:
@@ -113,7 +128,7 @@ def test_a_plain_rnn_over_a_long_sequence_reports_vanishing_through_time() -> No
 
 
 @pytest.mark.parametrize("go_backwards", [False, True], ids=["forward", "go_backwards"])
-def test_the_time_rows_are_the_input_gradient_at_the_first_and_last_processed_step(
+def test_the_time_rows_are_the_initial_state_and_last_output_gradients(
     go_backwards: bool,
 ) -> None:
     # lr 0: every step sees the same weights, so the last sample is comparable exactly.
@@ -124,9 +139,8 @@ def test_the_time_rows_are_the_input_gradient_at_the_first_and_last_processed_st
     cb = _watch(sample_every=1)
     _fit(model, (x, y), [cb])
     stats = cb.last_step_stats
-    g = _input_grad(model, x[-BATCH:], y[-BATCH:])
-    # go_backwards reads the last input step first: its "first" is the far end in time.
-    first, last = (g[:, -1], g[:, 0]) if go_backwards else (g[:, 0], g[:, -1])
+    # The output is the last processed step's, with go_backwards too.
+    first, last = _state_and_output_grads(model, x[-BATCH:], y[-BATCH:])
     assert stats.time_layers == ("seq/rnn/simple_rnn_cell",)
     assert stats.time_length == (SHORT,)
     np.testing.assert_allclose(stats.time_grad_first, [_rms(first)], rtol=1e-4)
@@ -157,19 +171,23 @@ def test_a_short_plain_rnn_and_a_long_lstm_stay_quiet_but_are_measured() -> None
         assert info.kind == type(layer).__name__ and info.recurrent
 
 
-def test_a_masked_input_is_named_as_not_measured() -> None:
-    tokens = keras.Input((SHORT,), dtype="int32")
+def test_a_masked_input_counts_its_real_steps() -> None:
+    tokens = keras.Input((LONG,), dtype="int32")
     h = keras.layers.Embedding(20, FEATURES, mask_zero=True)(tokens)
     h = keras.layers.SimpleRNN(HIDDEN)(h)
     model = keras.Model(tokens, keras.layers.Dense(2)(h))
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(True))
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 20, size=(BATCH * 3, SHORT)).astype(np.int32)
+    x = rng.integers(1, 20, size=(BATCH * 24, LONG)).astype(np.int32)
+    x[:, : LONG - 10] = 0  # pre-padding: 10 real steps of LONG
     y = (x[:, -1] > 9).astype(np.int32)
-    cb = _watch(sample_every=1)
+    cb = _watch()
     _fit(model, (x, y), [cb])
-    assert cb.last_step_stats.time_layers == ()
-    assert any("is not measured: its input is masked" in n for n in cb.report.notes)
+    stats = cb.last_step_stats
+    assert stats.time_length == (10,)
+    # The state is carried through the padding: only the 10 real steps decay it.
+    assert stats.time_grad_first[0] / stats.time_grad_last[0] > THRESHOLD
+    assert "vanishing_gradient" not in _by_rule(cb)
 
 
 def _weights(model: Any) -> list[np.ndarray]:
@@ -187,3 +205,33 @@ def test_outputs_and_gradients_are_bit_identical_and_the_layer_is_restored() -> 
     for a, b in zip(_weights(watched), _weights(plain), strict=True):
         np.testing.assert_array_equal(a, b)
     assert "call" not in vars(watched.layers[0])
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="a nested tf.function")
+def test_a_gradient_out_of_the_train_steps_reach_turns_only_through_time_off() -> None:
+    import tensorflow as tf
+
+    class NestedTape(keras.Model):
+        """A custom train_step that differentiates inside a nested tf.function."""
+
+        @tf.function
+        def _loss_and_grads(self, x: Any, y: Any) -> Any:
+            with tf.GradientTape() as tape:
+                loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+            return loss, tape.gradient(loss, self.trainable_variables)
+
+        def train_step(self, data: Any) -> Any:
+            x, y = data
+            loss, grads = self._loss_and_grads(x, y)
+            self.optimizer.apply(grads, self.trainable_variables)
+            return {"loss": loss}
+
+    inputs = keras.Input((SHORT, FEATURES))
+    model = NestedTape(inputs, keras.layers.Dense(2)(keras.layers.SimpleRNN(HIDDEN)(inputs)))
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    cb = _watch(sample_every=1)
+    _fit(model, _sequences(SHORT, 4), [cb])
+    assert cb.enabled
+    assert cb.last_step_stats.grad_layers  # the gradients are still watched
+    assert cb.last_step_stats.time_layers == ()
+    assert any("out of the train step's reach" in n for n in cb.report.notes), cb.report.notes
