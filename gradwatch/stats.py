@@ -72,12 +72,15 @@ class StepStats:
 
     Through-time fields, one entry per recurrent layer in ``time_layers`` (an RNN, LSTM
     or GRU layer, named like its parameters' group), from sampled steps:
-        time_grad_first: RMS over batch and features of the loss gradient with respect to
-            the layer's input at its first time step.
-        time_grad_last: the same at its last time step. A ratio first/last far below 1
-            means the gradient vanishes through time, even when every parameter's norm
-            looks normal.
-        time_length: the number of time steps of the sequence.
+        time_grad_first: RMS over batch and features of the loss gradient that reached
+            the start of the sequence: with respect to the layer's input at its first
+            time step (torch adapter), or its initial state (Keras callback).
+        time_grad_last: the same at the other end: with respect to the input at its last
+            time step (torch), or the output of the last processed step (Keras). A ratio
+            first/last far below 1 means the gradient vanishes through time, even when
+            every parameter's norm looks normal.
+        time_length: the number of time steps of the sequence (with a mask, the mean
+            number of real steps).
 
     ``grad_total_norm`` is the L2 norm over all gradients, for steps whose per-layer
     statistics were not sampled: adapters can afford one fused norm every step, so

@@ -65,11 +65,10 @@ class GradWatchCallback(keras.callbacks.Callback):
 
     Recurrent layers (``SimpleRNN``, ``LSTM``, ``GRU``, any ``keras.layers.RNN``, also
     inside ``Bidirectional``) are measured through time on sampled steps: the RMS of
-    the gradient reaching the input at the first and the last processed time step
-    (``StepStats.time_grad_first`` / ``time_grad_last``), by an identity tap on the
-    input whose backward pass hands the gradient over. A plain ``SimpleRNN`` whose first
-    step gets under 1e-5 of the last one's is reported as ``vanishing_gradient``. Masked
-    inputs are not measured (said in the notes).
+    the gradient reaching the initial state against the one at the last processed
+    output (``StepStats.time_grad_first`` / ``time_grad_last``), by identity taps whose
+    backward passes hand the gradients over. A plain ``SimpleRNN`` whose initial state
+    gets under 1e-5 of the last output's gradient is reported as ``vanishing_gradient``.
 
     A custom ``train_step`` that applies its gradients with optimizers held as model
     attributes (the keras.io GAN's ``self.d_optimizer`` and ``self.g_optimizer``) is

@@ -69,7 +69,8 @@ class RuleContext:
             ``grads``) that no gradient shows: see :class:`~gradwatch.layer_info.LayerInfo`.
             Groups the adapter said nothing of are absent.
         time: per-recurrent-layer through-time metrics (``grad_first``, ``grad_last``:
-            RMS of dL/d(input) at the first and the last time step; ``length``: time
+            RMS of the gradient reaching the start and the end of the sequence, see
+            :attr:`StepStats.time_grad_first`; ``length``: time
             steps), from the sampled steps that measured them (``StepStats.time_layers``);
             empty when no adapter measured any.
         initial_scales: each layer group's weight and bias scale at the run's first

@@ -45,8 +45,9 @@ class VanishingGradient(Rule):
 
     Through time: for a plain (ungated) recurrent layer (``LayerInfo.kind`` ``"RNN"`` or
     ``"SimpleRNN"``) whose adapter measured it (``RuleContext.time``), it also fires when
-    the window median of RMS dL/dx_1 / RMS dL/dx_T, the gradient reaching the first time
-    step against the last one's, is below ``time_ratio_threshold``, even when every
+    the window median of ``time_grad_first / time_grad_last``, the gradient reaching the
+    start of the sequence against the one at its end (RMS dL/dx_1 / RMS dL/dx_T in
+    torch, dL/dh_0 / dL/dy_T in Keras), is below ``time_ratio_threshold``, even when every
     parameter's norm looks normal. A plain RNN multiplies the gradient by at most
     ||W_hh|| x max|tanh'| per step back (Bengio, Simard & Frasconi 1994; Pascanu et al.
     2013), and only a recurrent weight at the edge of exploding escapes that. Gated
