@@ -266,7 +266,7 @@ class JaxCapture(Capture):
         def train_step_with_gradwatch(state: Any, data: Any) -> Any:
             with self._train_step(), self._ops_scope(True):
                 logs, new_state = train_step(state, data)
-                # The recurrent inputs' gradients, from the taps' backward passes.
+                # What the recurrent layers' taps handed over in the backward pass.
                 time_grads = dict(self._time_grads)
             trainable, non_trainable, optimizer_state, metrics = new_state
             table = None
