@@ -171,7 +171,7 @@ def backend_tap(backend: str) -> Tap:
         return _torch_tap
     if backend == "jax":
         return _jax_tap
-    raise NotImplementedError(f"no input tap for the {backend!r} backend")
+    raise NotImplementedError(f"no through-time tap for the {backend!r} backend")
 
 
 def _tf_tap(x: Any, anchor: Any, report: Callable[[Any], None]) -> Any:
