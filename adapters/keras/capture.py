@@ -60,8 +60,8 @@ class Capture:
         note: adds a coverage note to the report.
         live: whether the ``fit`` that installed the patches is still running; a
             wrapper reached outside it (that ``fit`` raised) records nothing.
-        rnns: the recurrent layers whose input gradient is measured through time.
-            Defaults to none.
+        rnns: the recurrent layers measured through time (the gradients reaching their
+            initial state and their last output). Defaults to none.
     """
 
     def __init__(
