@@ -117,13 +117,9 @@ class TimeGrads:
 
 def measurable(layer: Any, sequences: Any) -> bool:
     """A stateless layer called on a single batch-major tensor with a time axis."""
+    # A list or tuple of tensors has no shape.
     shape = getattr(sequences, "shape", None)
-    return (
-        not getattr(layer, "stateful", False)
-        and shape is not None
-        and len(shape) >= 3
-        and not isinstance(sequences, (list, tuple))
-    )
+    return not getattr(layer, "stateful", False) and shape is not None and len(shape) >= 3
 
 
 def time_table(grads: dict[int, TimeGrads], n_layers: int) -> Any:

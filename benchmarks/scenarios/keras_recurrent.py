@@ -30,17 +30,18 @@ import numpy as np
 
 from benchmarks.scenarios import HEALTHY, Scenario
 from benchmarks.scenarios.keras_zoo import KerasRun, _seed
+from benchmarks.scenarios.recurrent_task import (
+    BATCH,
+    FEATURES,
+    HIDDEN,
+    JUDGED,
+    LABEL_STEPS,
+    LONG,
+    RATIO_THRESHOLD,
+    SHORT,
+)
 
-FEATURES = 4
-HIDDEN = 32
-BATCH = 32
 STEPS = 100
-# The label depends on this many last steps: a gated layer learns it in ~100 steps.
-LABEL_STEPS = 20
-LONG, SHORT = 200, 10
-# The label check's judged steps (after gradwatch's warm-up of 10) and its threshold.
-JUDGED = range(10, 60)
-RATIO_THRESHOLD = 1e-5
 
 
 def sequences(length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

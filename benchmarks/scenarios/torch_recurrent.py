@@ -28,17 +28,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from benchmarks.scenarios import HEALTHY, Scenario
+from benchmarks.scenarios.recurrent_task import (
+    BATCH,
+    FEATURES,
+    HIDDEN,
+    JUDGED,
+    LABEL_STEPS,
+    LONG,
+    RATIO_THRESHOLD,
+    SHORT,
+)
 from benchmarks.scenarios.torch_zoo import TorchRun, _loss_run, _setup
-
-FEATURES = 4
-HIDDEN = 32
-BATCH = 32
-# The label depends on this many last steps: a gated layer learns it in ~100 steps.
-LABEL_STEPS = 20
-LONG, SHORT = 200, 10
-# The label check's judged steps (after gradwatch's warm-up of 10) and its threshold.
-JUDGED = range(10, 60)
-RATIO_THRESHOLD = 1e-5
 
 
 class SequenceClassifier(nn.Module):
